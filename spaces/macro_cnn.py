@@ -1,0 +1,225 @@
+"""A macro CNN space for small images: a stem, then 1-6 stages of repeated blocks, each halving the size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import optuna
+from torch import nn
+
+from spaces.blocks import ConvBNReLU, DepthwiseSeparable, InvertedResidual
+from spaces.candidate import COMPRESSION_KEYS, arch_id
+
+QUANT_FORMATS = ("fp32", "fp16", "int8", "int4")
+BLOCK_KINDS = ("conv", "dwsep", "ir")
+MAX_STAGES = 6
+STAGE_FIELDS = ("depth", "width", "kernel", "block")
+
+
+# ---- constructor checks (shared with the other spaces) ----
+
+
+def choice_list(key: str, values: Any) -> list[Any]:
+    """A non-empty list without duplicates (Optuna categorical choices), or a one-line ValueError."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"space.{key}: {values!r} is not a list; allowed: a non-empty list of choices")
+    items = list(values)  # also turns Hydra's ListConfig into a plain list
+    if not items:
+        raise ValueError(f"space.{key}: [] is empty; allowed: a non-empty list of choices")
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise ValueError(f"space.{key}: {item!r} is listed twice; allowed: each choice once")
+    return items
+
+
+def int_choices(key: str, values: Any, low: int, high: int | None = None) -> list[int]:
+    """A choice list of ints in [low, high] (bools rejected: True is an int to Python, not to a user)."""
+    items = choice_list(key, values)
+    allowed = f"integers {low}..{high}" if high is not None else f"integers >= {low}"
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"space.{key}: {item!r} is not an integer; allowed: {allowed}")
+        if item < low or (high is not None and item > high):
+            raise ValueError(f"space.{key}: {item} is out of range; allowed: {allowed}")
+    return items
+
+
+def positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"space.{key}: {value!r} is not a positive integer; allowed: integers >= 1")
+    return value
+
+
+def prune_ratio_choices(values: Any) -> list[float]:
+    items = choice_list("prune_ratios", values)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"space.prune_ratios: {item!r} is not a number; allowed: 0 <= ratio < 1")
+        if not 0 <= item < 1:
+            raise ValueError(f"space.prune_ratios: {item} is out of range; allowed: 0 <= ratio < 1")
+    return [float(item) for item in items]
+
+
+def quant_choices(values: Any) -> list[str]:
+    items = choice_list("quant", values)
+    for item in items:
+        if item not in QUANT_FORMATS:
+            raise ValueError(f"space.quant: {item!r} is not a format; allowed: {', '.join(QUANT_FORMATS)}")
+    return items
+
+
+def check_params(params: Mapping[str, Any], decisions: Mapping[str, list[Any]], wanted: list[str]) -> dict:
+    """Canonical candidate holding exactly the `wanted` keys, each value one of its choices."""
+    for key in params:
+        if key not in wanted:
+            raise ValueError(f"candidate key {key!r} is not a parameter here; allowed: {', '.join(wanted)}")
+    candidate: dict[str, Any] = {}
+    for key in wanted:
+        if key not in params:
+            raise ValueError(f"candidate key {key!r} is missing; required: {', '.join(wanted)}")
+        choices = decisions[key]
+        value = params[key]
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError(f"candidate {key}={value!r} is not a choice; allowed: {choices}")
+        candidate[key] = choices[choices.index(value)]  # the choice's own type: 0 -> 0.0
+    return candidate
+
+
+# ---- the space ----
+
+
+class MacroCNNSpace:
+    """Stages of `depth` identical blocks; the first block of each stage has stride 2.
+
+    Parameters: `n_stages`, `stage{i}.depth|width|kernel|block` for the active stages only,
+    then `prune_ratio` and `quant` (read by the evaluator, ignored by `build`).
+    """
+
+    def __init__(
+        self,
+        n_stages: list[int],
+        depths: list[int],
+        widths: list[int],
+        kernels: list[int],
+        blocks: list[str],
+        expansions: list[int],
+        stem_width: int,
+        prune_ratios: list[float],
+        quant: list[str],
+    ) -> None:
+        self.n_stages = int_choices("n_stages", n_stages, 1, MAX_STAGES)
+        self.depths = int_choices("depths", depths, 1)
+        self.widths = int_choices("widths", widths, 1)
+        self.kernels = int_choices("kernels", kernels, 1)
+        for kernel in self.kernels:
+            if kernel % 2 == 0:
+                raise ValueError(f"space.kernels: {kernel} is even; allowed: odd sizes (same padding)")
+        self.blocks = choice_list("blocks", blocks)
+        for block in self.blocks:
+            if block not in BLOCK_KINDS:
+                raise ValueError(f"space.blocks: {block!r} is not a block; allowed: {', '.join(BLOCK_KINDS)}")
+        self.expansions = int_choices("expansions", expansions, 1)
+        self.stem_width = positive_int("stem_width", stem_width)
+        self.prune_ratios = prune_ratio_choices(prune_ratios)
+        self.quant = quant_choices(quant)
+        # Expansion is folded into the block name so that every stage has the same four parameters.
+        self.block_choices: list[str] = []
+        for block in self.blocks:
+            self.block_choices += [f"ir{e}" for e in self.expansions] if block == "ir" else [block]
+
+    def stage_choices(self) -> dict[str, list[Any]]:
+        return {
+            "depth": self.depths,
+            "width": self.widths,
+            "kernel": self.kernels,
+            "block": self.block_choices,
+        }
+
+    def decisions(self) -> dict[str, list[Any]]:
+        """Every parameter the space can ever sample -> its choices (copies)."""
+        out: dict[str, list[Any]] = {"n_stages": list(self.n_stages)}
+        for i in range(1, max(self.n_stages) + 1):
+            for field, choices in self.stage_choices().items():
+                out[f"stage{i}.{field}"] = list(choices)
+        out["prune_ratio"] = list(self.prune_ratios)
+        out["quant"] = list(self.quant)
+        return out
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"n_stages": trial.suggest_categorical("n_stages", self.n_stages)}
+        for i in range(1, candidate["n_stages"] + 1):
+            for field, choices in self.stage_choices().items():
+                candidate[f"stage{i}.{field}"] = trial.suggest_categorical(f"stage{i}.{field}", choices)
+        candidate["prune_ratio"] = trial.suggest_categorical("prune_ratio", self.prune_ratios)
+        candidate["quant"] = trial.suggest_categorical("quant", self.quant)
+        return candidate
+
+    def candidate_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate `params` (e.g. trial.params) and return the canonical candidate."""
+        wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(params)), "prune_ratio", "quant"]
+        return check_params(params, self.decisions(), wanted)
+
+    def checked_n_stages(self, params: Mapping[str, Any]) -> int:
+        if "n_stages" not in params:
+            raise ValueError("candidate key 'n_stages' is missing; required: n_stages")
+        return check_params({"n_stages": params["n_stages"]}, self.decisions(), ["n_stages"])["n_stages"]
+
+    @staticmethod
+    def stage_keys(n_stages: int) -> list[str]:
+        return [f"stage{i}.{field}" for i in range(1, n_stages + 1) for field in STAGE_FIELDS]
+
+    def name(self, candidate: Mapping[str, Any]) -> str:
+        """Readable architecture name (compression left out), e.g. `conv16k3d2-ir6w32k5d1`."""
+        arch = self.architecture(candidate)
+        return "-".join(
+            f"{arch[f'stage{i}.block']}w{arch[f'stage{i}.width']}"
+            f"k{arch[f'stage{i}.kernel']}d{arch[f'stage{i}.depth']}"
+            for i in range(1, arch["n_stages"] + 1)
+        )
+
+    def architecture(self, candidate: Mapping[str, Any]) -> dict[str, Any]:
+        """The validated architecture keys of `candidate`; compression keys may be present or not."""
+        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS}
+        wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(arch))]
+        return check_params(arch, self.decisions(), wanted)
+
+    def build(
+        self, candidate: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int
+    ) -> nn.Module:
+        arch = self.architecture(candidate)
+        channels, height, width = (positive_int(f"input_shape[{i}]", v) for i, v in enumerate(input_shape))
+        positive_int("num_classes", num_classes)
+        smallest = 2 ** arch["n_stages"]
+        if min(height, width) < smallest:
+            raise ValueError(
+                f"candidate {arch_id(candidate)} (n_stages={arch['n_stages']}) does not fit input "
+                f"{height}x{width}: each stage halves the size; allowed: height and width >= {smallest}"
+            )
+        layers: list[nn.Module] = [ConvBNReLU(channels, self.stem_width, 3)]
+        in_ch = self.stem_width
+        for i in range(1, arch["n_stages"] + 1):
+            out_ch, kernel, block = arch[f"stage{i}.width"], arch[f"stage{i}.kernel"], arch[f"stage{i}.block"]
+            stage = [
+                make_block(block, in_ch if d == 0 else out_ch, out_ch, kernel, 2 if d == 0 else 1)
+                for d in range(arch[f"stage{i}.depth"])
+            ]
+            layers.append(nn.Sequential(*stage))
+            in_ch = out_ch
+        return nn.Sequential(
+            *layers,
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_ch, num_classes),
+        )
+
+
+def make_block(block: str, in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Module:
+    """Block from its folded name: `conv`, `dwsep` or `ir<expansion>`."""
+    if block == "conv":
+        return ConvBNReLU(in_ch, out_ch, kernel, stride=stride)
+    if block == "dwsep":
+        return DepthwiseSeparable(in_ch, out_ch, kernel, stride=stride)
+    if block.startswith("ir") and block[2:].isdigit():
+        return InvertedResidual(in_ch, out_ch, kernel, stride=stride, expansion=int(block[2:]))
+    raise ValueError(f"block {block!r} is not a block; allowed: conv, dwsep, ir<expansion>")

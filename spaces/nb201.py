@@ -1,0 +1,255 @@
+"""The NAS-Bench-201 cell space (Dong & Yang, ICLR 2020): 5 operations on the 6 edges of a 4-node cell."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from spaces.candidate import COMPRESSION_KEYS
+from spaces.macro_cnn import (
+    check_params,
+    choice_list,
+    positive_int,
+    prune_ratio_choices,
+    quant_choices,
+)
+
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+N_NODES = 4  # node 0 is the cell input, node 3 its output
+EDGES = tuple((i, j) for i in range(1, N_NODES) for j in range(i))  # (to, from), in arch-string order
+EDGE_KEYS = tuple(f"edge{i}_{j}" for i, j in EDGES)
+ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
+
+
+# ---- arch strings and isomorphism ----
+
+
+def to_arch_string(candidate: Mapping[str, Any]) -> str:
+    """Canonical NAS-Bench-201 string of the cell's six `edge{i}_{j}` entries."""
+    for key in EDGE_KEYS:
+        if key not in candidate:
+            raise ValueError(f"candidate key {key!r} is missing; required: {', '.join(EDGE_KEYS)}")
+        if candidate[key] not in OPS:
+            raise ValueError(f"candidate {key}={candidate[key]!r} is not an op; allowed: {', '.join(OPS)}")
+    nodes = (
+        "|" + "|".join(f"{candidate[f'edge{i}_{j}']}~{j}" for j in range(i)) + "|" for i in range(1, N_NODES)
+    )
+    return "+".join(nodes)
+
+
+def from_arch_string(arch: str) -> dict[str, str]:
+    """The six `edge{i}_{j}` entries of a NAS-Bench-201 string."""
+    bad = ValueError(
+        f"arch string {arch!r} is not a NAS-Bench-201 cell; allowed: {ARCH_FORMAT} with op in {OPS}"
+    )
+    if not isinstance(arch, str):
+        raise bad
+    parts = arch.split("+")
+    if len(parts) != N_NODES - 1:
+        raise bad
+    candidate: dict[str, str] = {}
+    for i, part in enumerate(parts, start=1):
+        if not (part.startswith("|") and part.endswith("|")):
+            raise bad
+        entries = part[1:-1].split("|")
+        if len(entries) != i:
+            raise bad
+        for j, entry in enumerate(entries):
+            op, _, source = entry.partition("~")
+            if op not in OPS or source != str(j):
+                raise bad
+            candidate[f"edge{i}_{j}"] = op
+    return candidate
+
+
+def isomorphism_key(arch: str) -> str:
+    """A key equal for cells that compute the same function (up to the weights).
+
+    Each node is a sorted multiset of terms `op(source)`: sums commute; `skip_connect` splices in
+    its source's terms (sums are associative); `none`, and any op applied to a zero node, adds
+    nothing, so edges cut off from the input or from the output drop out. (A conv on a zero node
+    really yields its BatchNorm's bias; like NAS-Bench-201 we count it as zero.) This collapses
+    more than NAS-Bench-201's own rule, see `nb201_unique_str`.
+    """
+    cell = from_arch_string(arch)
+    terms: list[tuple[str, ...]] = [("x",)]  # node 0: the cell input; () stands for zero
+    for i in range(1, N_NODES):
+        node: list[str] = []
+        for j in range(i):
+            op = cell[f"edge{i}_{j}"]
+            if op == "none" or not terms[j]:
+                continue
+            if op == "skip_connect":
+                node += terms[j]
+            else:
+                node.append(f"{op}({'+'.join(terms[j])})")
+        terms.append(tuple(sorted(node)))
+    return "+".join(terms[-1]) or "zero"
+
+
+def nb201_unique_str(arch: str) -> str:
+    """NAS-Bench-201's published rule (`to_unique_str(consider_zero=True)` in AutoDL-Projects).
+
+    It gives the paper's 6,466 distinct cells, but keeps a zero as a term of a sum (x + 0 != x)
+    and misses zero nodes whose inputs are all `none`; kept to compare with the literature.
+    """
+    cell = from_arch_string(arch)
+    nodes = ["0"]
+    for i in range(1, N_NODES):
+        node = []
+        for j in range(i):
+            op = cell[f"edge{i}_{j}"]
+            if op == "none" or nodes[j] == "#":
+                node.append("#")
+            elif op == "skip_connect":
+                node.append(nodes[j])
+            else:
+                node.append(f"({nodes[j]})@{op}")
+        nodes.append("+".join(sorted(node)))
+    return nodes[-1]
+
+
+# ---- network ----
+
+
+class Zero(nn.Module):
+    """The `none` op: multiplying by 0 keeps shape and dtype and exports to ONNX as a plain Mul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.0
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> None:
+        super().__init__(
+            nn.ReLU(),
+            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+
+
+def make_op(op: str, channels: int) -> nn.Module:
+    if op == "none":
+        return Zero()
+    if op == "skip_connect":
+        return nn.Identity()
+    if op == "nor_conv_1x1":
+        return ReLUConvBN(channels, channels, 1)
+    if op == "nor_conv_3x3":
+        return ReLUConvBN(channels, channels, 3)
+    if op == "avg_pool_3x3":
+        return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    raise ValueError(f"op {op!r} is not a NAS-Bench-201 op; allowed: {', '.join(OPS)}")
+
+
+class Cell(nn.Module):
+    """Node i = sum over j < i of op_ij(node j); the cell returns node 3."""
+
+    def __init__(self, cell: Mapping[str, str], channels: int) -> None:
+        super().__init__()
+        self.edges = nn.ModuleList(make_op(cell[key], channels) for key in EDGE_KEYS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nodes = [x]
+        edges = iter(self.edges)
+        for i in range(1, N_NODES):
+            terms = [next(edges)(nodes[j]) for j in range(i)]
+            node = terms[0]
+            for term in terms[1:]:
+                node = node + term
+            nodes.append(node)
+        return nodes[-1]
+
+
+class ResNetReduction(nn.Module):
+    """NAS-Bench-201's reduction: ResNet basic block, stride 2, shortcut = 2x2 avg-pool + 1x1 conv."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv_a = ReLUConvBN(in_ch, out_ch, 3, stride=2)
+        self.conv_b = ReLUConvBN(out_ch, out_ch, 3)
+        self.shortcut = nn.Sequential(
+            nn.AvgPool2d(2, stride=2),
+            nn.Conv2d(in_ch, out_ch, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.conv_b(self.conv_a(x))
+
+
+def build_nb201_network(
+    cell: Mapping[str, str], in_channels: int, C: int, N: int, num_classes: int
+) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)]
+    for stage, width in enumerate((C, 2 * C, 4 * C)):
+        if stage > 0:
+            layers.append(ResNetReduction(width // 2, width))
+        layers += [Cell(cell, width) for _ in range(N)]
+    layers += [
+        nn.BatchNorm2d(4 * C),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * C, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+# ---- the space ----
+
+
+class NB201Space:
+    """Six categorical edges `edge{i}_{j}` over `ops`.
+
+    `prune_ratio` and `quant` are sampled only when their lists hold more than one value; otherwise
+    they are left out of the candidate and the evaluator uses its defaults (no pruning, fp32).
+    """
+
+    def __init__(self, ops: list[str], C: int, N: int, prune_ratios: list[float], quant: list[str]) -> None:
+        self.ops = choice_list("ops", ops)
+        for op in self.ops:
+            if op not in OPS:
+                raise ValueError(f"space.ops: {op!r} is not an op; allowed: {', '.join(OPS)}")
+        self.C = positive_int("C", C)
+        self.N = positive_int("N", N)
+        self.prune_ratios = prune_ratio_choices(prune_ratios)
+        self.quant = quant_choices(quant)
+
+    def decisions(self) -> dict[str, list[Any]]:
+        """Every parameter the space can ever sample -> its choices (copies)."""
+        out: dict[str, list[Any]] = {key: list(self.ops) for key in EDGE_KEYS}
+        if len(self.prune_ratios) > 1:
+            out["prune_ratio"] = list(self.prune_ratios)
+        if len(self.quant) > 1:
+            out["quant"] = list(self.quant)
+        return out
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+        return {key: trial.suggest_categorical(key, choices) for key, choices in self.decisions().items()}
+
+    def candidate_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        decisions = self.decisions()
+        return check_params(params, decisions, list(decisions))
+
+    def name(self, candidate: Mapping[str, Any]) -> str:
+        """The cell's NAS-Bench-201 arch string (compression keys left out)."""
+        return to_arch_string(candidate)
+
+    def build(
+        self, candidate: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int
+    ) -> nn.Module:
+        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS}
+        cell = check_params(arch, {key: list(self.ops) for key in EDGE_KEYS}, list(EDGE_KEYS))
+        channels, height, width = (positive_int(f"input_shape[{i}]", v) for i, v in enumerate(input_shape))
+        positive_int("num_classes", num_classes)
+        # Both reductions halve the size on two paths (strided conv, 2x2 pool) that must agree.
+        if height % 4 or width % 4:
+            raise ValueError(
+                f"candidate {to_arch_string(cell)} does not fit input {height}x{width}: two reductions "
+                "halve it; allowed: height and width divisible by 4"
+            )
+        return build_nb201_network(cell, channels, self.C, self.N, num_classes)
