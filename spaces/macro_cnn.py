@@ -105,6 +105,7 @@ class MacroCNNSpace:
         blocks: list[str],
         expansions: list[int],
         stem_width: int,
+        stem_stride: int,
         prune_ratios: list[float],
         quant: list[str],
     ) -> None:
@@ -121,6 +122,9 @@ class MacroCNNSpace:
                 raise ValueError(f"space.blocks: {block!r} is not a block; allowed: {', '.join(BLOCK_KINDS)}")
         self.expansions = int_choices("expansions", expansions, 1)
         self.stem_width = positive_int("stem_width", stem_width)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"space.stem_stride: {stem_stride!r} is not allowed; allowed: 1, 2")
+        self.stem_stride = stem_stride
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
         # Expansion is folded into the block name so that every stage has the same four parameters.
@@ -190,13 +194,13 @@ class MacroCNNSpace:
         arch = self.architecture(candidate)
         channels, height, width = (positive_int(f"input_shape[{i}]", v) for i, v in enumerate(input_shape))
         positive_int("num_classes", num_classes)
-        smallest = 2 ** arch["n_stages"]
+        smallest = 2 ** arch["n_stages"] * self.stem_stride
         if min(height, width) < smallest:
             raise ValueError(
                 f"candidate {arch_id(candidate)} (n_stages={arch['n_stages']}) does not fit input "
-                f"{height}x{width}: each stage halves the size; allowed: height and width >= {smallest}"
+                f"{height}x{width}: the stem and each stage halve the size; allowed: height and width >= {smallest}"
             )
-        layers: list[nn.Module] = [ConvBNReLU(channels, self.stem_width, 3)]
+        layers: list[nn.Module] = [ConvBNReLU(channels, self.stem_width, 3, stride=self.stem_stride)]
         in_ch = self.stem_width
         for i in range(1, arch["n_stages"] + 1):
             out_ch, kernel, block = arch[f"stage{i}.width"], arch[f"stage{i}.kernel"], arch[f"stage{i}.block"]

@@ -24,6 +24,7 @@ KWARGS = dict(
     blocks=["conv", "dwsep", "ir"],
     expansions=[1, 3, 6],
     stem_width=8,
+    stem_stride=1,
     prune_ratios=[0.0, 0.5],
     quant=["fp32", "int8"],
 )
@@ -207,6 +208,7 @@ def test_blocks_are_prunable_with_torch_pruning() -> None:
         ({"blocks": "conv"}, "space.blocks: 'conv' is not a list; allowed: a non-empty list of choices"),
         ({"expansions": [0]}, "space.expansions: 0 is out of range; allowed: integers >= 1"),
         ({"stem_width": 0}, "space.stem_width: 0 is not a positive integer; allowed: integers >= 1"),
+        ({"stem_stride": 3}, "space.stem_stride: 3 is not allowed; allowed: 1, 2"),
         ({"prune_ratios": [0.0, 1.5]}, "space.prune_ratios: 1.5 is out of range; allowed: 0 <= ratio < 1"),
         ({"prune_ratios": [1]}, "space.prune_ratios: 1 is out of range; allowed: 0 <= ratio < 1"),
         ({"prune_ratios": ["0.5"]}, "space.prune_ratios: '0.5' is not a number; allowed: 0 <= ratio < 1"),

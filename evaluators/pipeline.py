@@ -1,0 +1,246 @@
+"""One trial end to end: build -> train -> prune -> fine-tune -> export -> compress -> ORT accuracy -> latency.
+
+The reported accuracy and latency are both measured on the single compressed ONNX file left in the
+trial directory, so what the search ranks is exactly what would be deployed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from evaluators.base import Evaluation
+from evaluators.data import ArrayDataModule
+from evaluators.latency import LatencyTarget, measure_latency
+from evaluators.onnx_accuracy import onnx_accuracy
+from evaluators.onnx_export import export_onnx
+from evaluators.profile import count_params_macs
+from evaluators.prune import prune
+from evaluators.quantize import FORMATS, compress_onnx
+from evaluators.train import OPTIMIZERS, check_accelerator, fit
+from spaces.base import SearchSpace
+from spaces.candidate import net_id
+
+ARTIFACT_NAME = "model.onnx"
+STEPS = ("build", "train", "prune", "finetune", "export", "compress", "accuracy", "latency")
+EVAL_SPLITS = ("val", "test")
+METRIC_NAMES = frozenset(
+    {
+        "val_accuracy",
+        "torch_val_accuracy",
+        "latency_ms",
+        "latency_p90_ms",
+        "latency_mean_ms",
+        "latency_std_ms",
+        "model_bytes",
+        "params",
+        "macs",
+        "total_s",
+        *(f"{step}_s" for step in STEPS),
+    }
+)
+
+
+@contextmanager
+def _timed(metrics: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[f"{step}_s"] = time.perf_counter() - start
+
+
+def _torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            logits = model(torch.from_numpy(x[start : start + batch_size]))
+            correct += int((logits.argmax(dim=1).numpy() == y[start : start + batch_size]).sum())
+    return correct / len(y)
+
+
+class PipelineEvaluator:
+    """Turns a candidate (architecture keys + `prune_ratio` + `quant`) into measured numbers.
+
+    Picklable before and after use: the data module loads its arrays lazily on first use in the
+    worker process and is set up once per evaluator instance.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        datamodule: ArrayDataModule,
+        latency: LatencyTarget,
+        seed: int,
+        epochs: int,
+        finetune_epochs: int,
+        lr: float,
+        optimizer: str,
+        weight_decay: float,
+        accelerator: str,
+        calibration_samples: int,
+        opset: int,
+        torch_threads: int,
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs!r} is invalid; allowed: an int >= 1")
+        if finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs={finetune_epochs!r} is negative; allowed: an int >= 0")
+        if calibration_samples < 1:
+            raise ValueError(f"calibration_samples={calibration_samples!r} is invalid; allowed: an int >= 1")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if opset < 13:
+            raise ValueError(f"opset={opset!r} is too old for per-channel QDQ; allowed: an int >= 13")
+        if torch_threads < 1:
+            raise ValueError(f"torch_threads={torch_threads!r} is invalid; allowed: an int >= 1")
+        check_accelerator(accelerator)
+        self.space = space
+        self.datamodule = datamodule
+        self.latency = latency
+        self.seed = seed
+        self.epochs = epochs
+        self.finetune_epochs = finetune_epochs
+        self.lr = lr
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.accelerator = accelerator
+        self.calibration_samples = calibration_samples
+        self.opset = opset
+        self.torch_threads = torch_threads
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def metric_names(self) -> frozenset[str]:
+        """Every metric `evaluate` reports, so the experiment can check objectives before any trial."""
+        return METRIC_NAMES
+
+    def evaluate_file(self, path: str | Path, split: str) -> float:
+        """ORT accuracy of any ONNX file on the 'val' or 'test' split of this evaluator's data."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split={split!r} is not an evaluation split; allowed: {', '.join(EVAL_SPLITS)}")
+        x, y = self.datamodule.arrays(split)
+        return onnx_accuracy(path, x, y)
+
+    def trial_seed(self, candidate: dict[str, Any]) -> int:
+        """Seed of one evaluation: from the run seed and the architecture, so every compression of one
+        network starts from the same trained weights and re-evaluating a candidate repeats it exactly."""
+        return (self.seed * 1_000_003 + int(net_id(candidate), 16)) % (2**31 - 1)
+
+    def evaluate(self, candidate: dict[str, Any], trial_dir: Path) -> Evaluation:
+        prune_ratio, fmt = self._compression(candidate)
+        previous = torch.get_num_threads()
+        # Small CNNs gain nothing from more CPU threads, and with concurrent trials on few cores
+        # OpenMP threads oversubscribe and spin: measured 0.09 s vs 5 s per fit on 2 busy cores.
+        torch.set_num_threads(self.torch_threads)
+        try:
+            return self._evaluate(candidate, Path(trial_dir), prune_ratio, fmt)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _evaluate(
+        self, candidate: dict[str, Any], trial_dir: Path, prune_ratio: float, fmt: str
+    ) -> Evaluation:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        seed = self.trial_seed(candidate)
+        dm = self.datamodule
+        dm.setup()  # idempotent: arrays are computed once per evaluator instance
+        input_shape, num_classes = dm.input_shape, dm.num_classes
+        x_train, _ = dm.arrays("train")
+        x_val, y_val = dm.arrays("val")
+        example = torch.from_numpy(x_train[:1].copy())
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+
+        with _timed(metrics, "build"):
+            pl.seed_everything(seed, verbose=False)
+            model = self.space.build(candidate, input_shape, num_classes)
+        with _timed(metrics, "train"):
+            model = self._fit(model, self.epochs, seed)
+        # Skipped steps report 0 s so that every trial has the same metric columns.
+        metrics["prune_s"] = metrics["finetune_s"] = 0.0
+        if prune_ratio > 0:
+            with _timed(metrics, "prune"):
+                model = prune(model, prune_ratio, example)
+            if self.finetune_epochs > 0:
+                with _timed(metrics, "finetune"):
+                    model = self._fit(model, self.finetune_epochs, seed + 1)
+        model = model.cpu().eval()
+        params, macs = count_params_macs(model, example)
+        torch_val_accuracy = _torch_accuracy(model, x_val, y_val)
+
+        artifact = trial_dir / ARTIFACT_NAME
+        fp32_path = trial_dir / "model_fp32.onnx"
+        with _timed(metrics, "export"):
+            export_onnx(model, example, fp32_path, opset=self.opset)
+        with _timed(metrics, "compress"):
+            compress_onnx(fp32_path, fmt, self._calibration(x_train, seed), artifact)
+            # One file per trial: the artifact is the exact file measured below.
+            fp32_path.unlink()
+        with _timed(metrics, "accuracy"):
+            val_accuracy = onnx_accuracy(artifact, x_val, y_val)
+        with _timed(metrics, "latency"):
+            stats = measure_latency(artifact, self.latency, input_shape)
+        metrics["total_s"] = time.perf_counter() - start
+
+        metrics.update(
+            val_accuracy=float(val_accuracy),
+            torch_val_accuracy=float(torch_val_accuracy),
+            latency_ms=stats.median_ms,
+            latency_p90_ms=stats.p90_ms,
+            latency_mean_ms=stats.mean_ms,
+            latency_std_ms=stats.std_ms,
+            model_bytes=float(artifact.stat().st_size),
+            params=float(params),
+            macs=float(macs),
+        )
+        info = {
+            "seed": seed,
+            "quant": fmt,
+            "prune_ratio": prune_ratio,
+            "input_shape": list(input_shape),
+            "num_classes": num_classes,
+            "latency_target": self.latency.name,
+            "latency_repeats": stats.n,
+            "opset": self.opset,
+            "torch_threads": self.torch_threads,
+        }
+        return Evaluation(metrics=metrics, artifact=str(artifact), info=info)
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _compression(candidate: dict[str, Any]) -> tuple[float, str]:
+        # A space whose compression is fixed leaves the keys out (NB201 by default): no pruning, fp32.
+        ratio, fmt = float(candidate.get("prune_ratio", 0.0)), candidate.get("quant", "fp32")
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"prune_ratio={ratio!r} is out of range; allowed: 0 <= prune_ratio < 1")
+        if fmt not in FORMATS:
+            raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+        return ratio, fmt
+
+    def _fit(self, model: nn.Module, epochs: int, seed: int) -> nn.Module:
+        return fit(
+            model,
+            self.datamodule,
+            epochs=epochs,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            accelerator=self.accelerator,
+            seed=seed,
+        )
+
+    def _calibration(self, x_train: np.ndarray, seed: int) -> np.ndarray:
+        n = min(self.calibration_samples, len(x_train))
+        idx = np.random.default_rng(seed).choice(len(x_train), size=n, replace=False)
+        return x_train[np.sort(idx)]

@@ -1,0 +1,98 @@
+"""Compress a float32 ONNX file to the storage/compute format a candidate asks for, with ONNX Runtime tools."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+FORMATS = ("fp32", "fp16", "int8", "int4")
+_CALIBRATION_BATCH = 64
+
+
+class _ArrayReader(CalibrationDataReader):
+    """Feeds calibration images to ORT's calibrator in fixed-size batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray) -> None:
+        self._batches = iter(
+            [
+                {input_name: np.ascontiguousarray(images[i : i + _CALIBRATION_BATCH], dtype=np.float32)}
+                for i in range(0, len(images), _CALIBRATION_BATCH)
+            ]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _quantize_static(
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, weight_type: QuantType
+) -> None:
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise ValueError(
+            f"calibration has shape {calibration.shape}; allowed: a non-empty float32 NCHW array"
+        )
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        # Shape inference + graph clean-up first: ORT's quantizer needs value shapes to pick per-channel axes.
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        # The quantizer warns once per file that int4 QDQ lives in com.microsoft before opset 21: expected.
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(
+                str(pre),
+                str(out_path),
+                _ArrayReader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=weight_type,
+                activation_type=QuantType.QInt8,
+            )
+        finally:
+            root.setLevel(level)
+
+
+def _check_runs_on_cpu(path: Path, fmt: str) -> None:
+    """A format is only offered if ORT's CPU EP can load and run the file it produced."""
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types; report them as unsupported format.
+        raise ValueError(
+            f"quant={fmt!r} is not supported for this model: ONNX Runtime's CPU EP cannot load it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from exc
+
+
+def compress_onnx(fp32_path: str | Path, fmt: str, calibration: np.ndarray, out_path: str | Path) -> Path:
+    """Write `fp32_path` compressed to `fmt` at `out_path` and return that path.
+
+    fp32: a copy. fp16: weights and compute in float16, float32 input/output kept. int8: static QDQ,
+    per-channel int8 weights, int8 activations calibrated on `calibration`. int4: as int8 but with
+    int4 weights (ORT writes its com.microsoft QDQ ops below opset 21); checked to run on the CPU EP.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "fp32":
+        if fp32_path.resolve() != out_path.resolve():
+            shutil.copyfile(fp32_path, out_path)
+    elif fmt == "fp16":
+        model = onnx.load(str(fp32_path))
+        onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out_path))
+    else:
+        weight_type = QuantType.QInt8 if fmt == "int8" else QuantType.QInt4
+        _quantize_static(fp32_path, out_path, calibration, weight_type)
+    _check_runs_on_cpu(out_path, fmt)
+    return out_path

@@ -1,0 +1,117 @@
+"""Train any classifier nn.Module with PyTorch Lightning, quietly and reproducibly."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+ACCELERATORS = ("cpu", "cuda", "auto")
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of a wrapped network; cosine LR schedule over `epochs`."""
+
+    def __init__(
+        self, model: nn.Module, *, lr: float, optimizer: str, weight_decay: float, epochs: int
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr={lr!r} is invalid; allowed: a finite float > 0")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is negative; allowed: a float >= 0")
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs!r} is invalid; allowed: an int >= 1")
+        self.model = model
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        # Fail loudly: a diverged candidate must be recorded as failed, not scored on garbage weights.
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} in epoch {self.current_epoch}")
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.model.parameters()
+        if self.optimizer_name == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True
+            )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Validate an accelerator name and that it can be honoured; never fall back silently."""
+    if accelerator == "gpu":
+        raise ValueError("accelerator='gpu' is ambiguous; allowed: cpu, cuda, auto (say 'cuda' for NVIDIA GPUs)")
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator={accelerator!r} is unknown; allowed: {', '.join(ACCELERATORS)}")
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("accelerator='cuda' requested but torch sees no CUDA device on this machine")
+
+
+def _quiet_lightning() -> None:
+    # Lightning prints "GPU available: ..." etc. at INFO for every Trainer; one per trial is noise.
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fit(
+    model: nn.Module,
+    datamodule: pl.LightningDataModule,
+    *,
+    epochs: int,
+    lr: float,
+    optimizer: str,
+    weight_decay: float,
+    accelerator: str,
+    seed: int,
+) -> nn.Module:
+    """Train `model` in place for `epochs` on the datamodule's train split; return it on CPU in eval mode."""
+    check_accelerator(accelerator)
+    _quiet_lightning()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = ClassifierModule(model, lr=lr, optimizer=optimizer, weight_decay=weight_decay, epochs=epochs)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if accelerator == "cuda" else accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    datamodule.setup("fit")
+    # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.
+    model.train()
+    with warnings.catch_warnings():
+        # Tiny in-memory loaders with num_workers=0 are deliberate; Lightning's advice does not apply.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # Lightning's own use of a deprecated torch API; nothing to act on here.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        # Only the train loader: validation is done on the exported file, not inside Lightning.
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    return module.model.cpu().eval()

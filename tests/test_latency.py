@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from evaluators.latency import LatencyTarget, measure_latency
+from evaluators.onnx_export import export_onnx
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+SHAPE = (1, 16, 16)
+
+
+def target(**overrides) -> LatencyTarget:
+    kwargs = dict(name="cpu-test", provider="cpu", threads=1, batch_size=1, warmup=3, repeats=30)
+    kwargs.update(overrides)
+    return LatencyTarget(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    return export_onnx(model, torch.zeros(1, *SHAPE), tmp_path_factory.mktemp("lat") / "m.onnx", opset=17)
+
+
+def test_stats_are_positive_and_ordered(onnx_file):
+    stats = measure_latency(onnx_file, target(), SHAPE)
+    assert stats.n == 30
+    assert 0 < stats.median_ms <= stats.p90_ms
+    assert stats.mean_ms > 0 and stats.std_ms >= 0
+
+
+def test_two_measurements_agree_within_a_generous_factor(onnx_file):
+    a = measure_latency(onnx_file, target(), SHAPE).median_ms
+    b = measure_latency(onnx_file, target(), SHAPE).median_ms
+    assert 1 / 3 < a / b < 3
+
+
+def test_batch_size_and_threads_are_honoured(onnx_file):
+    stats = measure_latency(onnx_file, target(batch_size=8, threads=2, warmup=0, repeats=1), SHAPE)
+    assert stats.n == 1 and stats.median_ms > 0
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has the CUDA EP"
+)
+def test_cuda_target_without_cuda_ep_fails_clearly(onnx_file):
+    cuda = target(name="cuda", provider="cuda")
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider") as info:
+        cuda.check_available()
+    assert "CPUExecutionProvider" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        measure_latency(onnx_file, cuda, SHAPE)
+
+
+def test_gpu_provider_is_rejected_with_advice():
+    with pytest.raises(ValueError, match="'cuda'"):
+        target(provider="gpu")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("provider", "tpu"), ("threads", 0), ("batch_size", 0), ("warmup", -1), ("repeats", 0), ("name", "")],
+)
+def test_bad_fields(field, value):
+    with pytest.raises(ValueError, match=field) as info:
+        target(**{field: value})
+    assert "\n" not in str(info.value)
+
+
+def test_cpu_config_defaults():
+    t = instantiate(OmegaConf.load(CONF / "cpu.yaml"))
+    assert isinstance(t, LatencyTarget)
+    assert dataclasses.astuple(t)[1:] == ("cpu", 1, 1, 10, 50)
+    t.check_available()
+
+
+def test_cuda_config_builds():
+    t = instantiate(OmegaConf.load(CONF / "cuda.yaml"))
+    assert t.provider == "cuda"
