@@ -1,0 +1,8 @@
+"""Search strategies as Optuna samplers, so they run unchanged in an ask/tell loop or under Ray Tune's OptunaSearch."""
+
+from __future__ import annotations
+
+from search.samplers.regularized_evolution import RegularizedEvolutionSampler
+from search.samplers.rl_controller import RLControllerSampler
+
+__all__ = ["RLControllerSampler", "RegularizedEvolutionSampler"]
