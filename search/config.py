@@ -1,0 +1,184 @@
+"""Compose the Hydra config from conf/ and command-line overrides, and validate all of it up front.
+
+Everything a run needs is checked here, before Ray or MLflow start: unknown keys, wrong types,
+out-of-range values, unknown group choices. Every problem is raised as one `ConfigError` line that
+names the key, the bad value and what is allowed; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
+TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", *GROUPS}
+MODES = ("max", "min")
+
+
+class ConfigError(ValueError):
+    """A bad config value: one line, naming the key, the value and what is allowed."""
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    """Compose conf/<config_name>.yaml with Hydra overrides; Hydra's errors become ConfigError."""
+    _check_group_overrides(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_hydra_message(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _check_group_overrides(overrides: Sequence[str]) -> None:
+    # Hydra's own message for an unknown group option is many lines; give one that lists the options.
+    for item in overrides:
+        key, sep, value = item.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        if sep and (group in GROUPS or group == "experiment"):
+            choices = group_choices(group)
+            if value not in choices and not (group == "experiment" and value == "null"):
+                raise ConfigError(f"{group}={value}: unknown choice; allowed: {', '.join(choices)}")
+
+
+def _hydra_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    key = _override_key(text)
+    if key is not None:
+        group = key.rsplit(".", 1)[0] if "." in key else None
+        where = f"the keys of conf/{group}/" if group in GROUPS else ", ".join(sorted(TOP_LEVEL))
+        return f"{key}: unknown key; allowed: {where} (hwnas --cfg shows the composed config)"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _override_key(text: str) -> str | None:
+    if "Could not override '" in text:
+        return text.split("Could not override '")[1].split("'")[0]
+    return None
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config; raise ConfigError with one line on the first problem."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config could not be resolved: {str(exc).splitlines()[0]}") from None
+    unknown = set(cfg.keys()) - TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
+    _int(cfg, "n_trials", lo=1)
+    _int(cfg, "seed", lo=0)
+    _type(cfg, "run_dir", str)
+    _type(cfg, "resume", bool)
+    _type(cfg, "experiment_name", str)
+    _check_objective(cfg.objective)
+    _check_keys(cfg.tracking, "tracking", {"enabled", "uri", "experiment", "registered_model"})
+    _type(cfg.tracking, "enabled", bool, "tracking")
+    _type(cfg.tracking, "uri", str, "tracking")
+    _check_keys(cfg.select, "select", {"rule"})
+    from search.selection import RULES
+
+    _choice(cfg.select, "rule", RULES, "select")
+    for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
+        check_target_kwargs(cfg[group], group)
+
+
+def _check_objective(obj: DictConfig) -> None:
+    _check_keys(obj, "objective", {"metrics", "latency_budget_ms", "budgets"})
+    metrics = obj.metrics
+    if not isinstance(metrics, ListConfig) or len(metrics) == 0:
+        raise ConfigError(f"objective.metrics: {metrics!r} is not a list of {{name, mode}}; give at least one")
+    names = []
+    for i, m in enumerate(metrics):
+        where = f"objective.metrics[{i}]"
+        if not isinstance(m, DictConfig) or set(m.keys()) != {"name", "mode"}:
+            raise ConfigError(f"{where}: {m!r}; allowed: a mapping with exactly the keys name and mode")
+        if m.mode not in MODES:
+            raise ConfigError(f"{where}.mode: {m.mode!r} is not a direction; allowed: max, min")
+        names.append(m.name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"objective.metrics: {names} names a metric twice; allowed: each metric once")
+    budget = obj.latency_budget_ms
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+        raise ConfigError(f"objective.latency_budget_ms: {budget!r} is not allowed; allowed: a number > 0, or null")
+    if not isinstance(obj.budgets, DictConfig):
+        raise ConfigError(f"objective.budgets: {obj.budgets!r}; allowed: a mapping metric -> bound")
+    for key, bound in obj.budgets.items():
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+            raise ConfigError(f"objective.budgets.{key}: {bound!r} is not a number; allowed: a number")
+
+
+def check_target_kwargs(node: DictConfig, group: str) -> None:
+    """A `_target_` group: the target must import, and every key must be one of its keyword arguments."""
+    from hydra.utils import get_object
+
+    if "_target_" not in node:
+        raise ConfigError(f"{group}: no _target_; allowed: a mapping with _target_ naming a class")
+    try:
+        target = get_object(node._target_)
+    except Exception:
+        raise ConfigError(f"{group}._target_: {node._target_!r} cannot be imported") from None
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"self"}
+    for key in node.keys():
+        if key in ("_target_", "_partial_", "_convert_", "_recursive_"):
+            continue
+        if key not in allowed:
+            raise ConfigError(f"{group}.{key}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_keys(node: DictConfig, where: str, allowed: set[str]) -> None:
+    extra = set(node.keys()) - allowed
+    if extra:
+        raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
+    missing = allowed - set(node.keys())
+    if missing:
+        raise ConfigError(f"{where}.{sorted(missing)[0]}: missing; it must be set")
+
+
+def _type(node: DictConfig, key: str, typ: type, prefix: str = "") -> Any:
+    value = node[key]
+    name = f"{prefix}.{key}" if prefix else key
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name}: {value!r} is not allowed; allowed: a {typ.__name__}")
+    return value
+
+
+def _int(node: DictConfig, key: str, lo: int, prefix: str = "") -> int:
+    value = node[key]
+    name = f"{prefix}.{key}" if prefix else key
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ConfigError(f"{name}: {value!r} is not allowed; allowed: an integer >= {lo}")
+    return value
+
+
+def _choice(node: DictConfig, key: str, allowed: Sequence[str], prefix: str) -> str:
+    value = node[key]
+    if value not in allowed:
+        raise ConfigError(f"{prefix}.{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+def to_container(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,56 @@
+"""The objectives of a sweep (names, directions) and its budgets, read from `cfg.objective`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Objectives:
+    names: tuple[str, ...]
+    modes: tuple[str, ...]  # 'max' | 'min' per name
+    # metric -> (kind, bound): kind 'upper' means value <= bound is feasible, 'lower' means value >= bound.
+    bounds: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, objective: Mapping[str, Any]) -> Objectives:
+        names = tuple(m["name"] for m in objective["metrics"])
+        modes = tuple(m["mode"] for m in objective["metrics"])
+        limits = dict(objective["budgets"])
+        if objective["latency_budget_ms"] is not None:
+            limits["latency_ms"] = objective["latency_budget_ms"]
+        mode_of = dict(zip(names, modes, strict=True))
+        # A budget on something maximised is a floor; on anything else (minimised or only reported) a ceiling.
+        bounds = {k: ("lower" if mode_of.get(k) == "max" else "upper", float(v)) for k, v in limits.items()}
+        return cls(names, modes, bounds)
+
+    @property
+    def optuna_directions(self) -> list[str]:
+        return ["maximize" if m == "max" else "minimize" for m in self.modes]
+
+    def values(self, metrics: Mapping[str, float]) -> list[float]:
+        missing = [n for n in self.names if n not in metrics]
+        if missing:
+            raise KeyError(f"objective metric {missing[0]!r} was not reported; reported: {', '.join(sorted(metrics))}")
+        return [float(metrics[n]) for n in self.names]
+
+    def is_feasible(self, metrics: Mapping[str, Any]) -> bool:
+        for name, (kind, bound) in self.bounds.items():
+            value = metrics.get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return False
+            if (kind == "upper" and value > bound) or (kind == "lower" and value < bound):
+                return False
+        return True
+
+    def matrix(self, rows: list[Mapping[str, Any]]) -> np.ndarray:
+        return np.array([[float(r[n]) for n in self.names] for r in rows], dtype=float).reshape(len(rows), len(self.names))
+
+    @property
+    def budget_label(self) -> str:
+        return ", ".join(f"{k} {'<=' if kind == 'upper' else '>='} {v:g}" for k, (kind, v) in self.bounds.items())

@@ -1,0 +1,148 @@
+"""Driver-side bookkeeping of every trial: the durable trial log, MLflow, and the progress line.
+
+Both runners (Ray and local) report the same four events here, so what a user sees and what is
+kept does not depend on where the trials ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.objectives import Objectives
+from search.pareto import non_dominated_mask
+from search.progress import Progress
+from search.tracking import MlflowTracker
+from search.trial_log import COMPLETE, FAILED, TrialLog
+from spaces.candidate import arch_id, net_id
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Recorder:
+    def __init__(
+        self,
+        run_dir: Path,
+        objectives: Objectives,
+        tracker: MlflowTracker | None,
+        progress: Progress,
+        tags: Mapping[str, str],
+    ) -> None:
+        self.log = TrialLog(run_dir)
+        self.objectives = objectives
+        self.tracker = tracker
+        self.progress = progress
+        self.tags = dict(tags)
+        self.running: dict[int, str | None] = {}  # trial number -> MLflow run id
+        self.rows = self.log.rows()  # a resumed sweep starts from what is already recorded
+        self.duplicates = 0
+        self._last_show = 0.0
+
+    @property
+    def done(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r["status"] == FAILED for r in self.rows)
+
+    def started(self, number: int, candidate: Mapping[str, Any]) -> None:
+        run_id = None
+        if self.tracker is not None:
+            run_id = self.tracker.start_trial(
+                number, candidate, {**self.tags, "arch_id": arch_id(candidate), "status": "RUNNING"}
+            )
+        self.running[number] = run_id
+        self._show()
+
+    def finished(
+        self,
+        number: int,
+        candidate: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        artifact: str | None,
+        node: str | None,
+    ) -> None:
+        feasible = self.objectives.is_feasible(metrics)
+        row = self._row(number, candidate, COMPLETE, node)
+        row.update(metrics=dict(metrics), feasible=feasible, artifact=artifact)
+        if artifact:
+            row["artifact_sha256"] = file_sha256(artifact)
+        self._end(row, metrics, artifact, "FINISHED")
+
+    def failed(self, number: int, candidate: Mapping[str, Any], error: str, node: str | None) -> None:
+        row = self._row(number, candidate, FAILED, node)
+        row.update(metrics={}, feasible=False, error=error)
+        self._end(row, {}, None, "FAILED")
+
+    def duplicate(self) -> None:
+        self.duplicates += 1
+
+    def close(self) -> None:
+        self._show(force=True)
+        self.progress.close()
+
+    # --- internals ---
+    def _row(self, number: int, candidate: Mapping[str, Any], status: str, node: str | None) -> dict[str, Any]:
+        return {
+            "number": number,
+            "status": status,
+            "candidate": dict(candidate),
+            "arch_id": arch_id(candidate),
+            "net_id": net_id(candidate),
+            "node": node,
+            "finished_at": time.time(),
+            "error": None,
+            "parent_run_id": self.tracker.parent_id if self.tracker is not None else None,
+        }
+
+    def _end(self, row: dict[str, Any], metrics: Mapping[str, float], artifact: str | None, status: str) -> None:
+        run_id = self.running.pop(row["number"], None)
+        row["mlflow_run_id"] = run_id
+        # The durable log first: whatever happens to MLflow next, the result is kept.
+        self.log.append(row)
+        self.rows.append(row)
+        if self.tracker is not None and run_id is not None:
+            tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
+            if row["error"]:
+                tags["error"] = row["error"][:5000]
+            self.tracker.finish_trial(run_id, metrics, tags, artifact, status)
+        self._show()
+
+    def front_and_best(self) -> tuple[int, str]:
+        ok = [r for r in self.rows if r["status"] == COMPLETE and r["feasible"]]
+        if not ok:
+            return 0, "-"
+        points = self.objectives.matrix([r["metrics"] for r in ok])
+        front = int(non_dominated_mask(points, list(self.objectives.modes)).sum())
+        primary, mode = self.objectives.names[0], self.objectives.modes[0]
+        best_i = int(np.argmax(points[:, 0]) if mode == "max" else np.argmin(points[:, 0]))
+        best = f"{primary}={points[best_i, 0]:.4g}"
+        if len(self.objectives.names) > 1:
+            best += f" ({self.objectives.names[1]}={points[best_i, 1]:.4g})"
+        return front, best
+
+    def _show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        # Throttled: thousands of table look-ups a second must not spend their time printing.
+        if not force and now - self._last_show < 1.0:
+            return
+        self._last_show = now
+        front, best = self.front_and_best()
+        self.progress.show(
+            done=self.done, running=len(self.running), failed=self.n_failed, front=front, best=best
+        )

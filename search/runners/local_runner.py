@@ -1,0 +1,103 @@
+"""In-process Optuna ask/tell loop: no Ray, no processes. Thousands of table look-ups take seconds."""
+
+from __future__ import annotations
+
+import socket
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from search.dedup import EvaluationRecord
+from search.recorder import Recorder
+from search.runners.sweep import Sweep
+from spaces.candidate import arch_id
+
+# Consecutive duplicate proposals after which the space counts as exhausted (then duplicates run).
+MAX_DUPLICATE_STREAK = 200
+
+Evaluate = Callable[[int, dict[str, Any]], Sequence[float]]
+
+
+def optimize(
+    study: optuna.Study,
+    suggest: Callable[[optuna.Trial], dict[str, Any]],
+    evaluate: Evaluate,
+    n_evaluations: int,
+    *,
+    on_start: Callable[[int, dict[str, Any]], None] | None = None,
+    on_fail: Callable[[int, dict[str, Any], BaseException], None] | None = None,
+    on_duplicate: Callable[[], None] | None = None,
+) -> int:
+    """Run ask -> suggest -> evaluate -> tell until `n_evaluations` distinct candidates were evaluated.
+
+    `evaluate(number, candidate)` returns the objective values, or raises (the trial is told FAIL,
+    `on_fail` is called, and the loop goes on). Returns the number of evaluations made.
+    """
+    record = EvaluationRecord(MAX_DUPLICATE_STREAK)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        record.complete(arch_id(t.params), t.values)
+    done = 0
+    while done < n_evaluations:
+        trial = study.ask()
+        candidate = suggest(trial)
+        aid = arch_id(candidate)
+        known = record.known(aid)
+        if known is not None and not record.exhausted():
+            record.hit()
+            study.tell(trial, known)
+            if on_duplicate is not None:
+                on_duplicate()
+            continue
+        record.start(aid)
+        if on_start is not None:
+            on_start(trial.number, candidate)
+        done += 1
+        try:
+            values = evaluate(trial.number, candidate)
+        except Exception as exc:  # a failed candidate is a result, not the end of the sweep
+            record.complete(aid, None)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if on_fail is not None:
+                on_fail(trial.number, candidate, exc)
+            continue
+        record.complete(aid, values)
+        study.tell(trial, list(values))
+    return done
+
+
+def error_text(exc: BaseException) -> str:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last
+
+
+class LocalRunner:
+    def __init__(self, *, max_concurrent: int) -> None:
+        if max_concurrent != 1:
+            raise ValueError(f"runner.max_concurrent: {max_concurrent} with runner=local; allowed: 1 (use runner=ray for parallel trials)")
+        self.max_concurrent = max_concurrent
+
+    def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
+        study = sweep.create_study()
+        node = socket.gethostname()
+
+        def evaluate(number: int, candidate: dict[str, Any]) -> Sequence[float]:
+            result = sweep.evaluator.evaluate(candidate, sweep.trial_dir(number))
+            values = sweep.objectives.values(result.metrics)
+            recorder.finished(number, candidate, result.metrics, result.artifact, node)
+            return values
+
+        def on_fail(number: int, candidate: Mapping[str, Any], exc: BaseException) -> None:
+            recorder.failed(number, dict(candidate), error_text(exc), node)
+
+        optimize(
+            study,
+            sweep.space.suggest,
+            evaluate,
+            sweep.n_trials - recorder.done,
+            on_start=recorder.started,
+            on_fail=on_fail,
+            on_duplicate=recorder.duplicate,
+        )
+        return study

@@ -1,0 +1,41 @@
+"""What a runner is given: everything a sweep needs, already built and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+
+from evaluators.base import Evaluator
+from search.objectives import Objectives
+from search.recorder import Recorder
+from spaces.base import SearchSpace
+
+
+@dataclass
+class Sweep:
+    space: SearchSpace
+    sampler: optuna.samplers.BaseSampler
+    evaluator: Evaluator
+    objectives: Objectives
+    n_trials: int
+    run_dir: Path
+    study_name: str
+
+    def trial_dir(self, number: int) -> Path:
+        return self.run_dir / "trials" / f"{number:04d}"
+
+    def create_study(self) -> optuna.Study:
+        return optuna.create_study(
+            study_name=self.study_name, sampler=self.sampler, directions=self.objectives.optuna_directions
+        )
+
+
+class Runner(Protocol):
+    def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study: ...
+
+
+def values_tuple(values: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)

@@ -1,0 +1,67 @@
+"""The sweep's own durable record of trials: one JSON line per finished trial, appended and fsynced.
+
+This file, not MLflow or Ray, is the source of truth for `trials.csv`, the front and the export:
+an interrupted sweep keeps every trial that finished, whatever happened to the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TRIALS_JSONL = "trials.jsonl"
+COMPLETE, FAILED = "COMPLETE", "FAILED"
+
+
+class TrialLog:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / TRIALS_JSONL
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=True, default=str)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self._iter())
+
+    def _iter(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                # A driver killed mid-write leaves at most one torn last line; it is not a trial.
+                if line:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+
+
+def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Flatten rows for trials.csv: id and status columns, then params, then metrics, then error."""
+    flat = []
+    for r in rows:
+        item = {
+            "number": r["number"],
+            "status": r["status"],
+            "arch_id": r["arch_id"],
+            "net_id": r.get("net_id"),
+            "feasible": r.get("feasible"),
+            "pareto": r.get("pareto", False),
+        }
+        item.update(r["candidate"])
+        item.update(r.get("metrics") or {})
+        item["node"] = r.get("node")
+        item["error"] = r.get("error")
+        item["artifact"] = r.get("artifact")
+        flat.append(item)
+    return pd.DataFrame(flat)

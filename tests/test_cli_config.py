@@ -1,0 +1,67 @@
+"""Bad config gives one line on stderr and exit status 2, before anything starts or is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD = [
+    (["foo=1"], "foo"),
+    (["space.prune_ratios=[1.5]"], "space.prune_ratios"),
+    (["space.quant=[int3]"], "space.quant"),
+    (["n_trials=0"], "n_trials"),
+    (["search=annealing"], "search=annealing"),
+    (["runner.max_concurrent=0"], "runner.max_concurrent"),
+    (["objective.latency_budget_ms=-1"], "objective.latency_budget_ms"),
+    (["hardware.provider=gpu"], "hardware"),
+    (["hardware=cuda"], "CUDAExecutionProvider"),
+    (["select.rule=pareto"], "select.rule"),
+    (["space.widths=[0,8]"], "space.widths"),
+    (["evaluator.optimizer=lbfgs"], "optimizer"),
+    (["+space.colour=red"], "space.colour"),
+    (["objective.metrics=[{name: val_accuracy, mode: up}]"], "objective.metrics[0].mode"),
+    (["objective.metrics=[{name: flops, mode: min}]"], "objective.metrics[0].name"),
+]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(("args", "named"), BAD, ids=[a[0] for a, _ in BAD])
+def test_bad_value_one_line_exit_2_nothing_written(tmp_path: Path, args: list[str], named: str) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli([*args, f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/m.db"], ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert named in lines[0]
+    assert "allowed" in lines[0] or "available" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_existing_run_dir_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "trials.jsonl").write_text("{}\n")
+    proc = run_cli([f"run_dir={run_dir}"], ROOT)
+    assert proc.returncode == 2
+    assert "run_dir" in proc.stderr
+    assert (run_dir / "trials.jsonl").read_text() == "{}\n"  # nothing already computed is touched
+
+
+def test_help_lists_groups() -> None:
+    proc = run_cli(["--help"], ROOT)
+    assert proc.returncode == 0
+    for group in ("space", "search", "runner", "hardware"):
+        assert group in proc.stdout
