@@ -23,5 +23,8 @@ class Evaluation:
 
 
 class Evaluator(Protocol):
-    def evaluate(self, candidate: dict[str, Any], trial_dir: Path) -> Evaluation:
-        """Evaluate one candidate; write any files under trial_dir. Raise on failure."""
+    def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
+        """Evaluate one candidate; write any files under trial_dir. Raise on failure.
+
+        deadline: a time.monotonic() value (the trial's time limit); past it, raise TimeoutError.
+        """

@@ -118,6 +118,7 @@ class PipelineEvaluator:
         self.calibration_samples = calibration_samples
         self.opset = opset
         self.torch_threads = torch_threads
+        self._deadline: float | None = None
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -137,8 +138,11 @@ class PipelineEvaluator:
         network starts from the same trained weights and re-evaluating a candidate repeats it exactly."""
         return (self.seed * 1_000_003 + int(net_id(candidate), 16)) % (2**31 - 1)
 
-    def evaluate(self, candidate: dict[str, Any], trial_dir: Path) -> Evaluation:
+    def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
+        """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
+        checked between steps and after every training batch."""
         prune_ratio, fmt = self._compression(candidate)
+        self._deadline = deadline
         previous = torch.get_num_threads()
         # Small CNNs gain nothing from more CPU threads, and with concurrent trials on few cores
         # OpenMP threads oversubscribe and spin: measured 0.09 s vs 5 s per fit on 2 busy cores.
@@ -162,18 +166,19 @@ class PipelineEvaluator:
         metrics: dict[str, float] = {}
         start = time.perf_counter()
 
+        check = self._check_deadline
         with _timed(metrics, "build"):
             pl.seed_everything(seed, verbose=False)
             model = self.space.build(candidate, input_shape, num_classes)
-        with _timed(metrics, "train"):
+        with _timed(metrics, "train"), check("train"):
             model = self._fit(model, self.epochs, seed)
         # Skipped steps report 0 s so that every trial has the same metric columns.
         metrics["prune_s"] = metrics["finetune_s"] = 0.0
         if prune_ratio > 0:
-            with _timed(metrics, "prune"):
+            with _timed(metrics, "prune"), check("prune"):
                 model = prune(model, prune_ratio, example)
             if self.finetune_epochs > 0:
-                with _timed(metrics, "finetune"):
+                with _timed(metrics, "finetune"), check("finetune"):
                     model = self._fit(model, self.finetune_epochs, seed + 1)
         model = model.cpu().eval()
         params, macs = count_params_macs(model, example)
@@ -181,15 +186,15 @@ class PipelineEvaluator:
 
         artifact = trial_dir / ARTIFACT_NAME
         fp32_path = trial_dir / "model_fp32.onnx"
-        with _timed(metrics, "export"):
+        with _timed(metrics, "export"), check("export"):
             export_onnx(model, example, fp32_path, opset=self.opset)
-        with _timed(metrics, "compress"):
+        with _timed(metrics, "compress"), check("compress"):
             compress_onnx(fp32_path, fmt, self._calibration(x_train, seed), artifact)
             # One file per trial: the artifact is the exact file measured below.
             fp32_path.unlink()
-        with _timed(metrics, "accuracy"):
+        with _timed(metrics, "accuracy"), check("accuracy"):
             val_accuracy = onnx_accuracy(artifact, x_val, y_val)
-        with _timed(metrics, "latency"):
+        with _timed(metrics, "latency"), check("latency"):
             stats = measure_latency(artifact, self.latency, input_shape)
         metrics["total_s"] = time.perf_counter() - start
 
@@ -228,6 +233,12 @@ class PipelineEvaluator:
             raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
         return ratio, fmt
 
+    @contextmanager
+    def _check_deadline(self, step: str) -> Iterator[None]:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TimeoutError(f"trial ran past its time limit before {step}")
+        yield
+
     def _fit(self, model: nn.Module, epochs: int, seed: int) -> nn.Module:
         return fit(
             model,
@@ -238,6 +249,7 @@ class PipelineEvaluator:
             weight_decay=self.weight_decay,
             accelerator=self.accelerator,
             seed=seed,
+            deadline=self._deadline,
         )
 
     def _calibration(self, x_train: np.ndarray, seed: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from typing import Any
 
@@ -72,6 +73,17 @@ def check_accelerator(accelerator: str) -> None:
         raise RuntimeError("accelerator='cuda' requested but torch sees no CUDA device on this machine")
 
 
+class _Deadline(pl.Callback):
+    """Stop training past a wall-clock deadline (time.monotonic()): a trial's time limit."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"trial ran past its time limit in training epoch {trainer.current_epoch}")
+
+
 def _quiet_lightning() -> None:
     # Lightning prints "GPU available: ..." etc. at INFO for every Trainer; one per trial is noise.
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
@@ -88,6 +100,7 @@ def fit(
     weight_decay: float,
     accelerator: str,
     seed: int,
+    deadline: float | None = None,
 ) -> nn.Module:
     """Train `model` in place for `epochs` on the datamodule's train split; return it on CPU in eval mode."""
     check_accelerator(accelerator)
@@ -102,6 +115,7 @@ def fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[_Deadline(deadline)] if deadline is not None else [],
     )
     datamodule.setup("fit")
     # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.

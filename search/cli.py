@@ -12,10 +12,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from search.config import GROUPS, ConfigError, compose_config, group_choices, validate
+
+if TYPE_CHECKING:
+    from search.tracking import Tracking
 
 USAGE = """usage: hwnas [override ...]     e.g. hwnas search=nsga2 n_trials=40 runner.max_concurrent=2 objective.latency_budget_ms=1.0
        hwnas --cfg [override ...]   print the composed config and exit
@@ -69,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prepare_run_dir(cfg)
         built = build_experiment(cfg)
+        start = getattr(built.runner, "start", None)
+        if start is not None:
+            try:
+                start()  # join or start Ray and check the cluster before anything is written
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
     from search.experiment import run_sweep
@@ -111,20 +121,56 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
     from search.export import finalize
-    from search.tracking import MlflowTracker
     from search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
     if not rows:
         return _fail("hwnas-export", f"run_dir: {str(run_dir)!r} holds no trials (trials.jsonl is missing or empty)")
-    tracker = None
-    if cfg.tracking.enabled:
-        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
-        parent = next((r.get("parent_run_id") for r in rows if r.get("parent_run_id")), None)
-        tracker.parent_id = parent
-    if tracker is not None and tracker.parent_id is None:
-        tracker = None  # the sweep was not tracked: export to disk only
-    print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracker))
+    tracking = _saved_tracking(cfg, run_dir)
+    print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking))
+    if tracking is not None:
+        tracking.flush(force=True)
+    return 0
+
+
+def _saved_tracking(cfg: DictConfig, run_dir: Path) -> Tracking | None:
+    """The finished sweep's MLflow parent run, or None when the sweep was not tracked."""
+    from search.sweep_state import STATE_FILE, SweepState
+    from search.tracking import MlflowStore, Tracking
+
+    if not cfg.tracking.enabled or not (run_dir / STATE_FILE).is_file():
+        return None
+    state = SweepState.load(run_dir)
+    if state.parent_run_id is None:
+        return None
+    store = MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
+    return Tracking(store, run_dir, state.parent_run_id)
+
+
+def sync_main(argv: Sequence[str] | None = None) -> int:
+    """Upload what a sweep could not log while MLflow was away: `hwnas-sync run_dir=PATH [tracking.uri=...]`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    values = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(values) - {"run_dir", "tracking.uri"}) + [a for a in args if "=" not in a]
+    if unknown or "run_dir" not in values:
+        return _fail("hwnas-sync", f"{(unknown or ['run_dir'])[0]}: not allowed or missing; usage: hwnas-sync run_dir=PATH [tracking.uri=URI]")
+    run_dir = Path(values["run_dir"])
+    if not (run_dir / "config.yaml").is_file():
+        return _fail("hwnas-sync", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a sweep")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if "tracking.uri" in values:
+        cfg.tracking.uri = values["tracking.uri"]
+    tracking = _saved_tracking(cfg, run_dir)
+    if tracking is None or not tracking.offline:
+        print(f"[hwnas-sync] nothing waits in {run_dir}")
+        return 0
+    waiting = len(tracking.pending_path.read_text().splitlines())
+    if not tracking.flush(force=True):
+        left = len(tracking.pending_path.read_text().splitlines())
+        print(f"[hwnas-sync] MLflow at {cfg.tracking.uri} is still unreachable: {left} of {waiting} operations wait", file=sys.stderr)
+        return 1
+    print(f"[hwnas-sync] {waiting} operations uploaded to {cfg.tracking.uri}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from search.config import ConfigError
-from search.export import finalize
+from search.export import finalize, write_tables
 from search.objectives import Objectives
 from search.progress import Progress
 from search.recorder import Recorder
 from search.runners.sweep import Sweep
-from search.tracking import MlflowTracker
-from search.trial_log import TrialLog
+from search.study_record import reconcile_study
+from search.sweep_state import STATE_FILE, SweepState
+from search.tracking import MlflowStore, Tracking
+from search.trial_log import COMPLETE, TrialLog
 
 CONFIG_FILE = "config.yaml"
 
@@ -95,12 +98,29 @@ def build_experiment(cfg: DictConfig) -> Built:
     return Built(cfg=cfg, sweep=sweep, runner=runner, objectives=objectives)
 
 
+# Keys a resumed sweep may change: where and how it runs, not what it searches.
+RESUMABLE_PREFIXES = ("resume", "run_dir", "runner", "tracking")
+
+
 def prepare_run_dir(cfg: DictConfig) -> Path:
+    """A new sweep needs a new or empty run_dir; a resumed one the same run_dir and the same config."""
     run_dir = Path(cfg.run_dir)
     if cfg.resume:
-        raise ConfigError("resume: true is not supported yet; allowed: false (start a new run_dir)")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run_dir: {str(run_dir)!r} already holds files; allowed: a new or empty folder")
+        if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
+            raise ConfigError(f"resume: true, but run_dir {str(run_dir)!r} holds no sweep; allowed: the run_dir of an earlier sweep")
+        saved = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True))  # type: ignore[arg-type]
+        now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        differ = sorted(
+            k for k in set(saved) | set(now)
+            if saved.get(k, "<absent>") != now.get(k, "<absent>") and not k.startswith(RESUMABLE_PREFIXES)
+        )
+        if differ:
+            raise ConfigError(
+                f"resume: the config differs from the original run in {', '.join(differ)}; "
+                "allowed: changes to runner.*, tracking.* only"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run_dir: {str(run_dir)!r} already holds files; allowed: a new or empty folder, or resume=true")
     return run_dir
 
 
@@ -115,40 +135,82 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def open_tracking(cfg: DictConfig, run_dir: Path, state: SweepState | None) -> tuple[Tracking | None, SweepState]:
+    """Start (or, resuming, reopen) the sweep's parent run. Fails here, before any trial, if MLflow is unreachable."""
+    study_name = state.study_name if state else cfg.experiment_name
+    if not cfg.tracking.enabled:
+        return None, state or SweepState(study_name=study_name, parent_run_id=None)
+    store = MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
+    try:
+        if state is not None and state.parent_run_id is not None:
+            tracking = Tracking(store, run_dir, state.parent_run_id)
+            store.op_set_running(state.parent_run_id)
+            return tracking, state
+        parent = store.create_sweep(
+            run_name=run_dir.name,
+            params=flatten(OmegaConf.to_container(cfg, resolve=True)),  # type: ignore[arg-type]
+            tags={"sampler": cfg.search._target_.rsplit(".", 1)[-1], "run_dir": str(run_dir.resolve())},
+        )
+    except Exception as exc:
+        raise ConfigError(f"tracking.uri: cannot reach MLflow at {cfg.tracking.uri!r} ({type(exc).__name__}); allowed: a reachable server or sqlite:///PATH") from None
+    return Tracking(store, run_dir, parent), SweepState(study_name=study_name, parent_run_id=parent)
+
+
+def reconcile_tracking(tracking: Tracking, rows: list[dict[str, Any]]) -> None:
+    """Resuming: child runs the dead driver left RUNNING end as their trials.jsonl record says, or KILLED."""
+    by_number = {r["number"]: r for r in rows}
+    tracking.flush(force=True)
+    for run in tracking.store.children(tracking.parent_id):
+        if run.info.status != "RUNNING":
+            continue
+        number = int(run.data.tags.get("trial", -1))
+        row = by_number.get(number)
+        if row is None:
+            tracking.store.op_end_run(run.info.run_id, "KILLED")
+        else:
+            tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
+            status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
+            tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
+
+
 def run_sweep(built: Built) -> int:
-    """Run the sweep; on any stop (done, error, Ctrl-C) write what finished and end every MLflow run."""
+    """Run (or resume) the sweep; on any stop (done, error, Ctrl-C) keep what finished and end every MLflow run."""
     cfg, sweep = built.cfg, built.sweep
     sweep.run_dir.mkdir(parents=True, exist_ok=True)
-    (sweep.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = None
-    if cfg.tracking.enabled:
-        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
-        container = OmegaConf.to_container(cfg, resolve=True)
-        tracker.start_sweep(
-            run_name=sweep.run_dir.name,
-            params=flatten(container),  # type: ignore[arg-type]
-            tags={"sampler": cfg.search._target_.rsplit(".", 1)[-1], "run_dir": str(sweep.run_dir.resolve())},
-        )
+    state = SweepState.load(sweep.run_dir) if cfg.resume else None
+    tracking, state = open_tracking(cfg, sweep.run_dir, state)
+    if cfg.resume:
+        state.resumed_at.append(time.time())
+    else:
+        (sweep.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    state.save(sweep.run_dir)
+    sweep.study_name = state.study_name
+    rows = TrialLog(sweep.run_dir).rows()
+    if cfg.resume:
+        retried = reconcile_study(sweep.create_study(), rows, built.objectives)
+        if tracking is not None:
+            reconcile_tracking(tracking, rows)
+        print(f"[hwnas] resuming {sweep.run_dir}: {len(rows)} trials done, {len(retried)} interrupted trial(s) queued again")
     sampler_tag = {"sampler": cfg.search._target_.rsplit(".", 1)[-1]}
-    recorder = Recorder(sweep.run_dir, built.objectives, tracker, Progress(cfg.n_trials), sampler_tag)
+    recorder = Recorder(sweep.run_dir, built.objectives, tracking, Progress(cfg.n_trials), sampler_tag)
     status = "FAILED"
     try:
         built.runner.run(sweep, recorder)
         recorder.close()
-        summary = finalize(sweep.run_dir, cfg, built.objectives, TrialLog(sweep.run_dir).rows(), sweep.evaluator, tracker)
+        summary = finalize(sweep.run_dir, cfg, built.objectives, TrialLog(sweep.run_dir).rows(), sweep.evaluator, tracking)
         status = "FINISHED"
         print(summary)
         return 0
     except KeyboardInterrupt:
         status = "KILLED"
-        print("\n[hwnas] interrupted: trials that finished are kept in", sweep.run_dir, file=sys.stderr)
+        print(f"\n[hwnas] interrupted: finished trials are kept in {sweep.run_dir}; resume=true continues", file=sys.stderr)
         return 130
     finally:
         if status != "FINISHED":
             recorder.close()
-            # Never lose what finished: the table is written even when the sweep did not end well.
-            from search.export import write_tables
-
+            # Never lose what finished: the tables are written even when the sweep did not end well.
             write_tables(sweep.run_dir, built.objectives, TrialLog(sweep.run_dir).rows())
-        if tracker is not None:
-            tracker.close("FINISHED" if status == "FINISHED" else status)
+        if tracking is not None:
+            tracking.close(status)
+            if tracking.offline:
+                print(f"[hwnas] MLflow was unreachable: operations wait in {tracking.pending_path}; run hwnas-sync run_dir={sweep.run_dir}", file=sys.stderr)

@@ -23,7 +23,7 @@ from search.pareto import non_dominated_mask
 from search.plots import plot_pareto
 from search.recorder import file_sha256
 from search.selection import select
-from search.tracking import MlflowTracker
+from search.tracking import Tracking
 from search.trial_log import COMPLETE, trials_frame
 
 EXPORT_DIR = "export"
@@ -148,7 +148,7 @@ def finalize(
     objectives: Objectives,
     rows: list[dict[str, Any]],
     evaluator: Any,
-    tracker: MlflowTracker | None,
+    tracker: Tracking | None,
 ) -> str:
     """Write tables and picture, export the chosen model, tag and register in MLflow. Returns a summary."""
     write_tables(run_dir, objectives, rows)
@@ -158,18 +158,17 @@ def finalize(
     n_front = sum(r["pareto"] for r in rows)
     if tracker is not None:
         for r in rows:
-            if r.get("mlflow_run_id"):
-                tracker.set_tags(r["mlflow_run_id"], {"pareto": str(r["pareto"]).lower()})
+            tracker.tag_trial(r["number"], {"pareto": str(r["pareto"]).lower()})
         paths = [run_dir / "trials.csv", run_dir / "pareto.csv", run_dir / "config.yaml"]
         if plot is not None:
             paths.append(plot)
         if card is not None:
             paths.append(run_dir / EXPORT_DIR)
         metrics = {"n_trials": len(rows), "n_failed": sum(r["status"] != COMPLETE for r in rows), "pareto_size": n_front}
-        tracker.log_sweep_artifacts(paths, metrics)
+        tracker.sweep_outputs(paths, metrics)
         if card is not None and card.get("model_file"):
             v = tracker.register(EXPORT_DIR, {"arch_id": card["arch_id"], "sha256": card["sha256"]})
-            card["registered_model"] = {"name": tracker.registered_model, "version": v}
+            card["registered_model"] = {"name": tracker.registered_model, "version": v}  # None: waits for MLflow
             (run_dir / EXPORT_DIR / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     lines = [f"[hwnas] {len(rows)} trials ({sum(r['status'] != COMPLETE for r in rows)} failed), front of {n_front} -> {run_dir}"]
     if card is None:

@@ -1,13 +1,13 @@
 """Driver-side bookkeeping of every trial: the durable trial log, MLflow, and the progress line.
 
-Both runners (Ray and local) report the same four events here, so what a user sees and what is
-kept does not depend on where the trials ran.
+Both runners (Ray and local) report the same events here, so what a user sees and what is kept
+does not depend on where the trials ran. A trial number is recorded at most once, whatever
+retries or replays report it again.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,11 +18,9 @@ import numpy as np
 from search.objectives import Objectives
 from search.pareto import non_dominated_mask
 from search.progress import Progress
-from search.tracking import MlflowTracker
+from search.tracking import Tracking
 from search.trial_log import COMPLETE, FAILED, TrialLog
 from spaces.candidate import arch_id, net_id
-
-log = logging.getLogger(__name__)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -38,17 +36,18 @@ class Recorder:
         self,
         run_dir: Path,
         objectives: Objectives,
-        tracker: MlflowTracker | None,
+        tracking: Tracking | None,
         progress: Progress,
         tags: Mapping[str, str],
     ) -> None:
         self.log = TrialLog(run_dir)
         self.objectives = objectives
-        self.tracker = tracker
+        self.tracking = tracking
         self.progress = progress
         self.tags = dict(tags)
-        self.running: dict[int, str | None] = {}  # trial number -> MLflow run id
+        self.running: set[int] = set()
         self.rows = self.log.rows()  # a resumed sweep starts from what is already recorded
+        self.numbers = {r["number"] for r in self.rows}
         self.duplicates = 0
         self._last_show = 0.0
 
@@ -61,12 +60,11 @@ class Recorder:
         return sum(r["status"] == FAILED for r in self.rows)
 
     def started(self, number: int, candidate: Mapping[str, Any]) -> None:
-        run_id = None
-        if self.tracker is not None:
-            run_id = self.tracker.start_trial(
-                number, candidate, {**self.tags, "arch_id": arch_id(candidate), "status": "RUNNING"}
-            )
-        self.running[number] = run_id
+        if number in self.running or number in self.numbers:
+            return  # a retried trial (worker lost) keeps its one record
+        self.running.add(number)
+        if self.tracking is not None:
+            self.tracking.trial_started(number, candidate, {**self.tags, "arch_id": arch_id(candidate), "status": "RUNNING"})
         self._show()
 
     def finished(
@@ -77,17 +75,16 @@ class Recorder:
         artifact: str | None,
         node: str | None,
     ) -> None:
-        feasible = self.objectives.is_feasible(metrics)
         row = self._row(number, candidate, COMPLETE, node)
-        row.update(metrics=dict(metrics), feasible=feasible, artifact=artifact)
+        row.update(metrics=dict(metrics), feasible=self.objectives.is_feasible(metrics), artifact=artifact)
         if artifact:
             row["artifact_sha256"] = file_sha256(artifact)
-        self._end(row, metrics, artifact, "FINISHED")
+        self._end(row)
 
     def failed(self, number: int, candidate: Mapping[str, Any], error: str, node: str | None) -> None:
         row = self._row(number, candidate, FAILED, node)
         row.update(metrics={}, feasible=False, error=error)
-        self._end(row, {}, None, "FAILED")
+        self._end(row)
 
     def duplicate(self) -> None:
         self.duplicates += 1
@@ -107,20 +104,23 @@ class Recorder:
             "node": node,
             "finished_at": time.time(),
             "error": None,
-            "parent_run_id": self.tracker.parent_id if self.tracker is not None else None,
         }
 
-    def _end(self, row: dict[str, Any], metrics: Mapping[str, float], artifact: str | None, status: str) -> None:
-        run_id = self.running.pop(row["number"], None)
-        row["mlflow_run_id"] = run_id
+    def _end(self, row: dict[str, Any]) -> None:
+        number = row["number"]
+        if number in self.numbers:
+            return
+        self.running.discard(number)
         # The durable log first: whatever happens to MLflow next, the result is kept.
         self.log.append(row)
         self.rows.append(row)
-        if self.tracker is not None and run_id is not None:
+        self.numbers.add(number)
+        if self.tracking is not None:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
             if row["error"]:
                 tags["error"] = row["error"][:5000]
-            self.tracker.finish_trial(run_id, metrics, tags, artifact, status)
+            status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
+            self.tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
         self._show()
 
     def front_and_best(self) -> tuple[int, str]:
@@ -143,6 +143,7 @@ class Recorder:
             return
         self._last_show = now
         front, best = self.front_and_best()
+        offline = " | MLflow offline: queued on disk" if self.tracking is not None and self.tracking.offline else ""
         self.progress.show(
-            done=self.done, running=len(self.running), failed=self.n_failed, front=front, best=best
+            done=self.done, running=len(self.running), failed=self.n_failed, front=front, best=best + offline
         )

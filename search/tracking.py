@@ -1,15 +1,22 @@
 """MLflow tracking from the driver alone: one parent run per sweep, one child run per trial.
 
 Only the driver process talks to MLflow, so parallel trials never contend on an SQLite store.
-Runs are created and ended explicitly with `MlflowClient` (no fluent global "active run"), and
-`close` ends every run still open, so none is left RUNNING after an error or Ctrl-C.
+Runs are created and ended explicitly with `MlflowClient` (no fluent global "active run").
+
+Child runs are addressed by trial number (tag `trial` under the parent), never only by an id held
+in memory, so every operation can be replayed: if the tracking server goes away mid-sweep,
+`Tracking` keeps the operations in `run_dir/mlflow_pending.jsonl`, the sweep goes on, and they are
+replayed when the server answers again (or by `hwnas-sync run_dir=...`). Replaying an operation
+that already reached the server changes nothing, so nothing is logged twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,103 +25,138 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+PENDING_FILE = "mlflow_pending.jsonl"
+RETRY_EVERY_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
-def _prepare_sqlite(uri: str) -> None:
+def _prepare(uri: str) -> None:
     # sqlite:///relative/path.db -> make sure the folder exists (MLflow does not create it).
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    # MLflow's HTTP client retries a dead server for minutes by default; we queue instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class MlflowTracker:
+def _metrics(values: Mapping[str, Any]) -> list[Metric]:
+    ts = int(time.time() * 1000)
+    return [
+        Metric(k, float(v), ts, 0)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+
+
+class MlflowStore:
+    """Idempotent sweep operations on one MLflow tracking server / store. Raises when it is unreachable."""
+
     def __init__(self, uri: str, experiment: str, registered_model: str) -> None:
-        _prepare_sqlite(uri)
-        # MLflow logs alembic migrations and a "creating experiment" line on first use: noise in a sweep.
-        for name in ("alembic", "mlflow"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        _prepare(uri)
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.uri = uri
+        self.experiment = experiment
         self.registered_model = registered_model
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.parent_id: str | None = None
-        self._open: set[str] = set()
+        self._experiment_id: str | None = None
+        self._child: dict[int, str] = {}
 
-    # --- sweep ---
-    def start_sweep(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        return self._experiment_id
+
+    def create_sweep(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
-        self.parent_id = run.info.run_id
-        self._open.add(self.parent_id)
-        self._log(self.parent_id, params=params)
-        return self.parent_id
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
 
-    def resume_sweep(self, parent_id: str) -> None:
-        self.parent_id = parent_id
-        self.client.update_run(parent_id, status="RUNNING")
-        self._open.add(parent_id)
+    def child(self, parent: str, number: int) -> str | None:
+        if number not in self._child:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial = '{number}'",
+                max_results=1,
+            )
+            if not found:
+                return None
+            self._child[number] = found[0].info.run_id
+        return self._child[number]
 
-    def end_sweep(self, status: str = "FINISHED") -> None:
-        if self.parent_id is not None and self.parent_id in self._open:
-            self.client.set_terminated(self.parent_id, status)
-            self._open.discard(self.parent_id)
+    def children(self, parent: str) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50000
+        )
 
-    # --- trials ---
-    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        assert self.parent_id is not None, "start_sweep first"
+    # --- operations (each safe to replay) ---
+    def op_trial_started(self, parent: str, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        if self.child(parent, number) is not None:
+            return
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"trial-{number:04d}",
-            tags={"mlflow.parentRunId": self.parent_id, "trial": str(number), **tags},
+            tags={"mlflow.parentRunId": parent, "trial": str(number), **tags},
         )
-        run_id = run.info.run_id
-        self._open.add(run_id)
-        self._log(run_id, params=params)
-        return run_id
+        self._child[number] = run.info.run_id
+        self._log(run.info.run_id, params=params)
 
-    def finish_trial(
+    def op_trial_ended(
         self,
-        run_id: str,
+        parent: str,
+        number: int,
+        params: Mapping[str, Any],
         metrics: Mapping[str, float],
         tags: Mapping[str, str],
         artifact: str | None,
         status: str,
     ) -> None:
+        run_id = self.child(parent, number)
+        if run_id is None:
+            self.op_trial_started(parent, number, params, {})
+            run_id = self._child[number]
+        if self.client.get_run(run_id).info.status == status:
+            return  # already recorded (a replay)
         self._log(run_id, metrics=metrics, tags=tags)
         if artifact and Path(artifact).exists():
             self.client.log_artifact(run_id, artifact)
         self.client.set_terminated(run_id, status)
-        self._open.discard(run_id)
 
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self._log(run_id, tags=tags)
+    def op_tag_trial(self, parent: str, number: int, tags: Mapping[str, str]) -> None:
+        run_id = self.child(parent, number)
+        if run_id is not None:
+            self._log(run_id, tags=tags)
 
-    def log_sweep_artifacts(self, paths: list[Path], metrics: Mapping[str, float]) -> None:
-        assert self.parent_id is not None
-        self._log(self.parent_id, metrics=metrics)
-        for p in paths:
-            if p.is_dir():
-                self.client.log_artifacts(self.parent_id, str(p), artifact_path=p.name)
-            elif p.exists():
-                self.client.log_artifact(self.parent_id, str(p))
-
-    def register(self, artifact_subdir: str, tags: Mapping[str, str]) -> str:
-        """Register the parent run's `artifact_subdir` (the exported files, unchanged) as a model version."""
-        assert self.parent_id is not None
-        if not self.client.search_registered_models(filter_string=f"name = '{self.registered_model}'"):
-            self.client.create_registered_model(self.registered_model)
-        source = f"{self.client.get_run(self.parent_id).info.artifact_uri}/{artifact_subdir}"
-        version = self.client.create_model_version(
-            self.registered_model, source=source, run_id=self.parent_id, tags=dict(tags)
-        )
-        return str(version.version)
-
-    def close(self, status: str = "KILLED") -> None:
-        """End every run still open (children first), e.g. after Ctrl-C."""
-        for run_id in sorted(self._open - {self.parent_id}):
+    def op_end_run(self, run_id: str, status: str) -> None:
+        if self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, status)
-        self._open -= self._open - {self.parent_id}
-        self.end_sweep(status)
+
+    def op_set_running(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def op_sweep_outputs(self, parent: str, paths: list[str], metrics: Mapping[str, float]) -> None:
+        self._log(parent, metrics=metrics)
+        for p in map(Path, paths):
+            if p.is_dir():
+                self.client.log_artifacts(parent, str(p), artifact_path=p.name)
+            elif p.exists():
+                self.client.log_artifact(parent, str(p))
+
+    def op_register(self, parent: str, artifact_subdir: str, tags: Mapping[str, str]) -> str:
+        """Register the parent run's `artifact_subdir` (the exported files, unchanged) as a model version."""
+        name = self.registered_model
+        if not self.client.search_registered_models(filter_string=f"name = '{name}'"):
+            self.client.create_registered_model(name)
+        for v in self.client.search_model_versions(f"name = '{name}'"):
+            if v.run_id == parent and v.tags.get("sha256") == tags.get("sha256"):
+                return str(v.version)  # this exact file is registered already
+        source = f"{self.client.get_run(parent).info.artifact_uri}/{artifact_subdir}"
+        version = self.client.create_model_version(name, source=source, run_id=parent, tags=dict(tags))
+        return str(version.version)
 
     def _log(
         self,
@@ -124,12 +166,117 @@ class MlflowTracker:
         tags: Mapping[str, str] | None = None,
     ) -> None:
         p = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in (params or {}).items()]
-        m = [
-            Metric(k, float(v), 0, 0)
-            for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-        ]
+        m = _metrics(metrics or {})
         t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        # log_batch takes at most 100 params / 1000 metrics per call.
+        # log_batch takes at most 100 params per call.
         for i in range(0, max(len(p), 1), 100):
             self.client.log_batch(run_id, metrics=m if i == 0 else [], params=p[i : i + 100], tags=t if i == 0 else [])
+
+
+class Tracking:
+    """A sweep's tracking that never stops the sweep: failed operations wait on disk and are replayed."""
+
+    def __init__(self, store: MlflowStore, run_dir: Path, parent_id: str) -> None:
+        self.store = store
+        self.parent_id = parent_id
+        self.pending_path = Path(run_dir) / PENDING_FILE
+        self._next_retry = 0.0
+        self._open: set[int] = set()
+
+    @property
+    def registered_model(self) -> str:
+        return self.store.registered_model
+
+    @property
+    def offline(self) -> bool:
+        return self.pending_path.exists() and self.pending_path.stat().st_size > 0
+
+    # --- what the sweep calls ---
+    def trial_started(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        self._open.add(number)
+        self._do("op_trial_started", parent=self.parent_id, number=number, params=dict(params), tags=dict(tags))
+
+    def trial_ended(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        artifact: str | None,
+        status: str,
+    ) -> None:
+        self._open.discard(number)
+        self._do(
+            "op_trial_ended", parent=self.parent_id, number=number, params=dict(params),
+            metrics=dict(metrics), tags=dict(tags), artifact=artifact, status=status,
+        )
+
+    def tag_trial(self, number: int, tags: Mapping[str, str]) -> None:
+        self._do("op_tag_trial", parent=self.parent_id, number=number, tags=dict(tags))
+
+    def sweep_outputs(self, paths: list[Path], metrics: Mapping[str, float]) -> None:
+        self._do("op_sweep_outputs", parent=self.parent_id, paths=[str(p) for p in paths], metrics=dict(metrics))
+
+    def register(self, artifact_subdir: str, tags: Mapping[str, str]) -> str | None:
+        """The model version, or None when the server is away (registration then waits on disk)."""
+        return self._do("op_register", parent=self.parent_id, artifact_subdir=artifact_subdir, tags=dict(tags))
+
+    def reopen(self) -> None:
+        self._do("op_set_running", run_id=self.parent_id)
+
+    def close(self, status: str) -> None:
+        """End the sweep: trials still open end as `status` (KILLED on Ctrl-C), then the parent run."""
+        for number in sorted(self._open):
+            self._do(
+                "op_trial_ended", parent=self.parent_id, number=number, params={}, metrics={},
+                tags={"status": status}, artifact=None, status=status,
+            )
+        self._open.clear()
+        self._do("op_end_run", run_id=self.parent_id, status=status)
+        self.flush(force=True)
+
+    # --- queueing ---
+    def flush(self, force: bool = False) -> bool:
+        """Replay what waits on disk; True when nothing is left."""
+        if not self.offline:
+            return True
+        if not force and time.monotonic() < self._next_retry:
+            return False
+        lines = self.pending_path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            op = json.loads(line)
+            try:
+                getattr(self.store, op.pop("op"))(**op)
+            except Exception as exc:
+                self._next_retry = time.monotonic() + RETRY_EVERY_S
+                self._rewrite(lines[i:])
+                log.warning("MLflow still unreachable (%s); %d operations wait in %s", exc, len(lines) - i, self.pending_path)
+                return False
+        self._rewrite([])
+        return True
+
+    def _do(self, op: str, **kwargs: Any) -> Any:
+        # Order matters: while anything waits on disk, new operations queue behind it.
+        if self.offline and not self.flush():
+            self._append(op, kwargs)
+            return None
+        try:
+            return getattr(self.store, op)(**kwargs)
+        except Exception as exc:
+            log.warning("MLflow unreachable (%s): keeping %s in %s", type(exc).__name__, op, self.pending_path)
+            self._next_retry = time.monotonic() + RETRY_EVERY_S
+            self._append(op, kwargs)
+            return None
+
+    def _append(self, op: str, kwargs: Mapping[str, Any]) -> None:
+        with open(self.pending_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"op": op, **kwargs}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.pending_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.pending_path)
+        if not lines:
+            self.pending_path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import optuna
 from search.dedup import EvaluationRecord
 from search.recorder import Recorder
 from search.runners.sweep import Sweep
+from search.study_record import DUPLICATE
 from spaces.candidate import arch_id
 
 # Consecutive duplicate proposals after which the space counts as exhausted (then duplicates run).
@@ -37,7 +39,7 @@ def optimize(
     """
     record = EvaluationRecord(MAX_DUPLICATE_STREAK)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        record.complete(arch_id(t.params), t.values)
+        record.complete(arch_id(t.params), t.values)  # a resumed study's history counts too
     done = 0
     while done < n_evaluations:
         trial = study.ask()
@@ -46,6 +48,7 @@ def optimize(
         known = record.known(aid)
         if known is not None and not record.exhausted():
             record.hit()
+            trial.set_user_attr(DUPLICATE, aid)
             study.tell(trial, known)
             if on_duplicate is not None:
                 on_duplicate()
@@ -67,23 +70,34 @@ def optimize(
     return done
 
 
+def check_timeout(value: float | None) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise ValueError(f"runner.trial_timeout_s: {value!r} is not allowed; allowed: a number of seconds > 0, or null")
+    return None if value is None else float(value)
+
+
+def deadline_after(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
 def error_text(exc: BaseException) -> str:
     last = traceback.format_exception_only(type(exc), exc)[-1].strip()
     return last
 
 
 class LocalRunner:
-    def __init__(self, *, max_concurrent: int) -> None:
+    def __init__(self, *, max_concurrent: int, trial_timeout_s: float | None) -> None:
         if max_concurrent != 1:
             raise ValueError(f"runner.max_concurrent: {max_concurrent} with runner=local; allowed: 1 (use runner=ray for parallel trials)")
         self.max_concurrent = max_concurrent
+        self.trial_timeout_s = check_timeout(trial_timeout_s)
 
     def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
         study = sweep.create_study()
         node = socket.gethostname()
 
         def evaluate(number: int, candidate: dict[str, Any]) -> Sequence[float]:
-            result = sweep.evaluator.evaluate(candidate, sweep.trial_dir(number))
+            result = sweep.evaluator.evaluate(candidate, sweep.trial_dir(number), deadline=deadline_after(self.trial_timeout_s))
             values = sweep.objectives.values(result.metrics)
             recorder.finished(number, candidate, result.metrics, result.artifact, node)
             return values

@@ -2,6 +2,9 @@
 
 Trials run in worker processes (one per `runner.resources`), so only numbers and file paths travel
 back; MLflow, the trial log and the progress line live in the driver (see `Recorder`).
+
+Order of writes when a trial ends: trials.jsonl first, then Optuna's journal (`tell`), then MLflow.
+A driver killed between any two is reconciled on resume from trials.jsonl (see study_record).
 """
 
 from __future__ import annotations
@@ -21,23 +24,40 @@ from ray.tune.search.optuna import OptunaSearch
 from evaluators.base import Evaluator
 from search.dedup import EvaluationRecord
 from search.recorder import Recorder
-from search.runners.local_runner import MAX_DUPLICATE_STREAK
+from search.runners.local_runner import MAX_DUPLICATE_STREAK, check_timeout, deadline_after, error_text
 from search.runners.sweep import Sweep
+from search.study_record import DUPLICATE
 from spaces.base import SearchSpace
 from spaces.candidate import arch_id
 
 NUMBER_KEY = "hwnas.trial"  # the Optuna trial number, passed to the trainable with the candidate
 ERROR_KEY = "hwnas_error"
+# Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
+_RAY_KEYS = {
+    "timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "time_since_restore",
+    "iterations_since_restore", "done", "node_ip", "checkpoint_dir_name", "should_checkpoint",
+}
+
+
+def _candidate(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != NUMBER_KEY}
 
 
 class _DedupOptunaSearch(OptunaSearch):
-    """OptunaSearch that answers already-evaluated (or in-flight) candidates without running them."""
+    """OptunaSearch that records each trial before telling Optuna, and never evaluates a candidate twice."""
 
-    def __init__(self, space: SearchSpace, **kwargs: Any) -> None:
+    def __init__(self, space: SearchSpace, recorder: Recorder, trials: dict[str, Any], **kwargs: Any) -> None:
         self._hw_space = space
+        self._recorder = recorder
+        self._trials = trials  # trial_id -> Ray Trial, filled by _StartCallback (for error texts)
         self._record = EvaluationRecord(MAX_DUPLICATE_STREAK)
         self._arch_of: dict[str, str] = {}
         super().__init__(space=self._define_by_run, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            self._record.complete(arch_id(t.params), t.values)  # a resumed study's history counts too
 
     def _define_by_run(self, trial: optuna.Trial) -> dict[str, Any]:
         candidate = self._hw_space.suggest(trial)
@@ -48,7 +68,7 @@ class _DedupOptunaSearch(OptunaSearch):
             config = super().suggest(trial_id)
             if config is None:
                 return None
-            aid = arch_id({k: v for k, v in config.items() if k != NUMBER_KEY})
+            aid = arch_id(_candidate(config))
             known = self._record.known(aid)
             busy = self._record.is_pending(aid)
             if (known is None and not busy) or self._record.exhausted():
@@ -56,89 +76,85 @@ class _DedupOptunaSearch(OptunaSearch):
                 self._arch_of[trial_id] = aid
                 return config
             self._record.hit()
+            self._recorder.duplicate()
             ot_trial = self._ot_trials.pop(trial_id)
+            ot_trial.set_user_attr(DUPLICATE, aid)
             if known is not None:
                 self._ot_study.tell(ot_trial, list(known))
             else:  # same candidate running right now: drop this proposal, its result is on the way
-                ot_trial.set_user_attr("duplicate_of_running", aid)
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and result.get(ERROR_KEY):
-            result, error = None, True
+        ot_trial = self._ot_trials.get(trial_id)
+        values = None
+        if ot_trial is not None:
+            number, candidate = ot_trial.number, _candidate(ot_trial.params)
+            if result and not result.get(ERROR_KEY) and not error and all(m in result for m in self.metric):
+                metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
+                self._recorder.finished(number, candidate, metrics, result.get("artifact") or None, result.get("node"))
+                values = [result[m] for m in self.metric]
+            else:
+                self._recorder.failed(number, candidate, self._error_of(trial_id, result), (result or {}).get("node"))
+                result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
         aid = self._arch_of.pop(trial_id, None)
         if aid is not None:
-            values = None
-            if result is not None and not error:
-                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-                values = [result[m] for m in metrics]
             self._record.complete(aid, values)
 
-    def trial_number(self, trial_id: str) -> int:
-        return self._ot_trials[trial_id].number
+    def _error_of(self, trial_id: str, result: dict | None) -> str:
+        if result and result.get(ERROR_KEY):
+            return str(result[ERROR_KEY])
+        trial = self._trials.get(trial_id)
+        try:
+            err = trial.get_error() if trial is not None else None
+            if err is not None:
+                return str(err).strip().splitlines()[-1][:2000]
+        except Exception:
+            pass
+        return "trial ended without reporting its metrics (worker lost)"
+
+    # The Optuna journal in run_dir is the sampler's state; Ray's pickled copy of it is not needed.
+    def save(self, checkpoint_path: str) -> None:
+        return None
+
+    def restore(self, checkpoint_path: str) -> None:
+        return None
 
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
 
 
-def _trainable(config: dict[str, Any], evaluator: Evaluator, trials_root: str, threads: int) -> None:
+def _node() -> str:
+    # Two Ray nodes on one host share its name: the node id tells them apart.
+    return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def _trainable(
+    config: dict[str, Any], evaluator: Evaluator, trials_root: str, threads: int, timeout_s: float | None
+) -> None:
     import torch
 
+    deadline = deadline_after(timeout_s)
     torch.set_num_threads(threads)
     number = int(config[NUMBER_KEY])
-    candidate = {k: v for k, v in config.items() if k != NUMBER_KEY}
     trial_dir = Path(trials_root) / f"{number:04d}"
-    node = socket.gethostname()
     try:
-        result = evaluator.evaluate(candidate, trial_dir)
+        result = evaluator.evaluate(_candidate(config), trial_dir, deadline=deadline)
     except Exception as exc:  # recorded as a failed trial; the sweep goes on
-        from search.runners.local_runner import error_text
-
-        tune.report({ERROR_KEY: error_text(exc), "node": node})
+        tune.report({ERROR_KEY: error_text(exc), "node": _node()})
         return
-    tune.report({**result.metrics, "artifact": result.artifact or "", "node": node})
+    tune.report({**result.metrics, "artifact": result.artifact or "", "node": _node()})
 
 
-class _RecorderCallback(tune.Callback):
-    def __init__(self, searcher: _DedupOptunaSearch, recorder: Recorder) -> None:
-        self.searcher = searcher
+class _StartCallback(tune.Callback):
+    def __init__(self, recorder: Recorder, trials: dict[str, Any]) -> None:
         self.recorder = recorder
-
-    @staticmethod
-    def _candidate(trial: Any) -> dict[str, Any]:
-        return {k: v for k, v in trial.config.items() if k != NUMBER_KEY}
+        self.trials = trials
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.recorder.started(int(trial.config[NUMBER_KEY]), self._candidate(trial))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = dict(trial.last_result or {})
-        number = int(trial.config[NUMBER_KEY])
-        node = result.get("node")
-        if result.get(ERROR_KEY):
-            self.recorder.failed(number, self._candidate(trial), str(result[ERROR_KEY]), node)
-            return
-        metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
-        self.recorder.finished(number, self._candidate(trial), metrics, result.get("artifact") or None, node)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = "worker failed"
-        try:
-            err = trial.get_error()
-            if err is not None:
-                error = str(err).strip().splitlines()[-1][:2000]
-        except Exception:
-            pass
-        self.recorder.failed(int(trial.config[NUMBER_KEY]), self._candidate(trial), error, None)
-
-
-# Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
-_RAY_KEYS = {
-    "timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "time_since_restore",
-    "iterations_since_restore", "done", "node_ip", "checkpoint_dir_name", "should_checkpoint",
-}
+        self.trials[trial.trial_id] = trial
+        self.recorder.started(int(trial.config[NUMBER_KEY]), _candidate(trial.config))
 
 
 def _is_metric(key: str, value: Any) -> bool:
@@ -152,7 +168,9 @@ class RayRunner:
         max_concurrent: int,
         resources: dict[str, float],
         address: str | None,
+        storage: str | None,
         max_failures: int,
+        trial_timeout_s: float | None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"runner.max_concurrent: {max_concurrent} is not allowed; allowed: an integer >= 1")
@@ -166,48 +184,73 @@ class RayRunner:
         self.max_concurrent = max_concurrent
         self.resources = {"cpu": float(resources.get("cpu", 1)), "gpu": float(resources.get("gpu", 0))}
         self.address = address
+        self.storage = storage
         self.max_failures = max_failures
+        self.trial_timeout_s = check_timeout(trial_timeout_s)
 
-    def _init_ray(self) -> None:
+    def start(self) -> None:
+        """Start or join Ray, and check the cluster can keep this sweep's state. Before any trial."""
         # Quiet: the progress line is the sweep's output; Ray's tables and worker logs are not.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         warnings.filterwarnings("ignore", module="ray")
         if not ray.is_initialized():
-            ray.init(
-                address=self.address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                configure_logging=True,
-            )
+            try:
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"runner.address: cannot join Ray at {self.address!r}: {str(exc).splitlines()[0]}") from None
         for name in ("ray", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) > 1 and self.storage is None:
+            raise ValueError(
+                f"runner.storage: null on a cluster of {len(nodes)} nodes; allowed: a path every node "
+                "can read and write (NFS or similar), where trials write their models and Ray its state"
+            )
+        if self.resources["gpu"] > 0:
+            total = sum(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+            if total < self.resources["gpu"]:
+                raise ValueError(
+                    f"runner.resources.gpu: {self.resources['gpu']} per trial, but the cluster has {total:g} GPUs; allowed: <= {total:g}"
+                )
 
     def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
-        self._init_ray()
+        self.start()
+        root = Path(self.storage).resolve() / sweep.run_dir.resolve().name if self.storage else sweep.run_dir.resolve()
+        trials: dict[str, Any] = {}
         searcher = _DedupOptunaSearch(
             sweep.space,
+            recorder,
+            trials,
             metric=list(sweep.objectives.names),
             mode=list(sweep.objectives.modes),
             sampler=sweep.sampler,
             study_name=sweep.study_name,
+            storage=sweep.storage(),
         )
         trainable = tune.with_resources(
             tune.with_parameters(
                 _trainable,
                 evaluator=sweep.evaluator,
-                trials_root=str((sweep.run_dir / "trials").resolve()),
+                trials_root=str(root / "trials"),
                 threads=max(1, int(self.resources["cpu"])),
+                timeout_s=self.trial_timeout_s,
             ),
             self.resources,
         )
+        remaining = sweep.n_trials - recorder.done
+        if remaining <= 0:
+            return optuna.load_study(study_name=sweep.study_name, storage=sweep.storage())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                num_samples=sweep.n_trials - recorder.done,
+                num_samples=remaining,
                 max_concurrent_trials=self.max_concurrent,
                 # A function trainable has no state between trials: reusing the worker process saves
                 # the seconds that importing torch + Lightning costs per trial.
@@ -215,9 +258,9 @@ class RayRunner:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str((sweep.run_dir / "ray").resolve()),
+                storage_path=str(root / "ray"),
                 verbose=0,
-                callbacks=[_RecorderCallback(searcher, recorder)],
+                callbacks=[_StartCallback(recorder, trials)],
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )

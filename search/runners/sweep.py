@@ -11,6 +11,7 @@ import optuna
 from evaluators.base import Evaluator
 from search.objectives import Objectives
 from search.recorder import Recorder
+from search.sweep_state import journal_storage
 from spaces.base import SearchSpace
 
 
@@ -27,9 +28,18 @@ class Sweep:
     def trial_dir(self, number: int) -> Path:
         return self.run_dir / "trials" / f"{number:04d}"
 
+
+    def storage(self) -> optuna.storages.BaseStorage:
+        return journal_storage(self.run_dir)
+
     def create_study(self) -> optuna.Study:
+        """The sweep's study, loaded with its whole history when the sweep is resumed."""
         return optuna.create_study(
-            study_name=self.study_name, sampler=self.sampler, directions=self.objectives.optuna_directions
+            study_name=self.study_name,
+            sampler=self.sampler,
+            directions=self.objectives.optuna_directions,
+            storage=self.storage(),
+            load_if_exists=True,
         )
 
 

@@ -1,0 +1,56 @@
+"""Which Optuna trials are real evaluations, and how a resumed study is brought in line with trials.jsonl.
+
+Besides evaluations, a study holds trials that only feed the sampler: duplicates answered from
+the record (COMPLETE, user attr DUPLICATE) and trials whose driver died mid-evaluation (FAIL,
+user attr INTERRUPTED, their candidate queued again). Counting evaluations excludes both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.objectives import Objectives
+from search.trial_log import COMPLETE
+
+DUPLICATE = "hwnas:duplicate_of"
+INTERRUPTED = "hwnas:interrupted"
+
+
+def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if DUPLICATE not in t.user_attrs and INTERRUPTED not in t.user_attrs
+        and "duplicate_of_running" not in t.user_attrs
+    ]
+
+
+def reconcile_study(study: optuna.Study, rows: list[Mapping[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
+    """Finish every trial the dead driver left open; return the candidates that must be run again.
+
+    A trial whose result reached trials.jsonl is told that result (the driver died between the two
+    writes). One that never finished is marked FAIL + INTERRUPTED and its candidate is queued, so it
+    is retried once and counted once.
+    """
+    by_number = {r["number"]: r for r in rows}
+    storage = study._storage
+    retry: list[dict[str, Any]] = []
+    # WAITING trials are candidates queued by an earlier resume: ask() still hands them out.
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        row = by_number.get(t.number)
+        if row is not None and row["status"] == COMPLETE:
+            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, objectives.values(row["metrics"]))
+        elif row is not None:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        else:
+            storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if t.params:
+                retry.append(dict(t.params))
+    for params in retry:
+        study.enqueue_trial(params, skip_if_exists=False)
+    return retry
