@@ -82,6 +82,9 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config could not be resolved: {str(exc).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required (??? in conf/) but not set; allowed: give it as {missing[0]}=VALUE")
     unknown = set(cfg.keys()) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")

@@ -265,4 +265,7 @@ class RayRunner:
             ),
         )
         tuner.fit()
+        if recorder.running:
+            # Ray Tune catches Ctrl-C itself and returns from fit() with trials cut short.
+            raise KeyboardInterrupt
         return searcher.study
