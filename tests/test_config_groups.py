@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from search.config import GROUPS, ConfigError, compose_config, group_choices, validate
 from search.experiment import build_experiment
@@ -27,8 +28,11 @@ def test_every_choice_builds(group: str, choice: str, tmp_path: Path) -> None:
             build_experiment(cfg)
         return
     cfg = compose_config(overrides)
-    if group == "experiment" and "table" in cfg.evaluator:
-        pytest.skip("experiment needs a user's table (covered by tests/test_tabular.py)")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # e.g. a table the user passes by path: refused, naming the key
+        with pytest.raises(ConfigError, match=missing[0].replace(".", r"\.")):
+            validate(cfg)
+        return
     validate(cfg)
     built = build_experiment(cfg)
     assert built.sweep.n_trials == cfg.n_trials
