@@ -57,7 +57,9 @@ def _quantize_static(
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 weight_type=weight_type,
-                activation_type=QuantType.QInt8,
+                # uint8 activations x int8 weights (U8S8) is ORT's fast x86 path: measured 1.16x vs
+                # 0.67x the fp32 speed for S8S8 on an inverted-residual net at batch 1.
+                activation_type=QuantType.QUInt8,
             )
         finally:
             root.setLevel(level)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,23 @@ top-level keys: experiment_name, n_trials, seed, run_dir, resume; any key of a g
 def _usage() -> str:
     groups = "\n".join(f"  {g:<10} {', '.join(group_choices(g))}" for g in (*GROUPS, "experiment"))
     return USAGE.format(groups=groups)
+
+
+def _warm_tracking(cfg: DictConfig) -> threading.Thread | None:
+    if not cfg.tracking.enabled or not str(cfg.tracking.uri).startswith("sqlite:"):
+        return None
+
+    def warm() -> None:
+        from search.tracking import MlflowStore
+
+        try:
+            MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model).client.search_experiments(max_results=1)
+        except Exception:
+            pass  # the sweep's own first call reports any real problem
+
+    thread = threading.Thread(target=warm, name="hwnas-mlflow-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 def _driver_threads() -> None:
@@ -78,10 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         built = build_experiment(cfg)
         start = getattr(built.runner, "start", None)
         if start is not None:
+            # Ray takes seconds to start and a new MLflow store seconds to create its schema: overlap them.
+            warm = _warm_tracking(cfg)
             try:
                 start()  # join or start Ray and check the cluster before anything is written
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+            finally:
+                if warm is not None:
+                    warm.join()
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
     from search.experiment import run_sweep

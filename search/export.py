@@ -35,7 +35,10 @@ class ExportError(RuntimeError):
 
 
 def mark_front(rows: list[dict[str, Any]], objectives: Objectives) -> np.ndarray:
-    """Set row['pareto'] for every row; returns the indices (into rows) of feasible complete rows."""
+    """Set row['feasible'] and row['pareto'] for every row under these objectives and budgets
+    (hwnas-export may bring other budgets than the sweep had); returns the feasible complete rows' indices."""
+    for r in rows:
+        r["feasible"] = r["status"] == COMPLETE and objectives.is_feasible(r["metrics"])
     ok = np.array([i for i, r in enumerate(rows) if r["status"] == COMPLETE and r["feasible"]], dtype=int)
     for r in rows:
         r["pareto"] = False
@@ -151,7 +154,7 @@ def finalize(
     tracker: Tracking | None,
 ) -> str:
     """Write tables and picture, export the chosen model, tag and register in MLflow. Returns a summary."""
-    write_tables(run_dir, objectives, rows)
+    write_tables(run_dir, objectives, rows)  # marks feasibility and the front under these objectives
     chosen = choose(rows, objectives, cfg.select.rule)
     plot = _plot(run_dir, objectives, rows, chosen["number"] if chosen else None)
     card = export_model(run_dir, cfg, chosen, evaluator) if chosen else None

@@ -45,11 +45,11 @@ class Recorder:
         self.tracking = tracking
         self.progress = progress
         self.tags = dict(tags)
-        self.running: set[int] = set()
+        self.running: dict[int, float] = {}  # trial number -> time.time() it started
         self.rows = self.log.rows()  # a resumed sweep starts from what is already recorded
         self.numbers = {r["number"] for r in self.rows}
         self.duplicates = 0
-        self._last_show = 0.0
+        self.progress.follow(self.snapshot)
 
     @property
     def done(self) -> int:
@@ -62,10 +62,9 @@ class Recorder:
     def started(self, number: int, candidate: Mapping[str, Any]) -> None:
         if number in self.running or number in self.numbers:
             return  # a retried trial (worker lost) keeps its one record
-        self.running.add(number)
+        self.running[number] = time.time()
         if self.tracking is not None:
             self.tracking.trial_started(number, candidate, {**self.tags, "arch_id": arch_id(candidate), "status": "RUNNING"})
-        self._show()
 
     def finished(
         self,
@@ -90,7 +89,6 @@ class Recorder:
         self.duplicates += 1
 
     def close(self) -> None:
-        self._show(force=True)
         self.progress.close()
 
     # --- internals ---
@@ -110,7 +108,7 @@ class Recorder:
         number = row["number"]
         if number in self.numbers:
             return
-        self.running.discard(number)
+        row["started_at"] = self.running.pop(number, None)
         # The durable log first: whatever happens to MLflow next, the result is kept.
         self.log.append(row)
         self.rows.append(row)
@@ -121,10 +119,9 @@ class Recorder:
                 tags["error"] = row["error"][:5000]
             status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
             self.tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
-        self._show()
 
     def front_and_best(self) -> tuple[int, str]:
-        ok = [r for r in self.rows if r["status"] == COMPLETE and r["feasible"]]
+        ok = [r for r in list(self.rows) if r["status"] == COMPLETE and r["feasible"]]
         if not ok:
             return 0, "-"
         points = self.objectives.matrix([r["metrics"] for r in ok])
@@ -136,14 +133,9 @@ class Recorder:
             best += f" ({self.objectives.names[1]}={points[best_i, 1]:.4g})"
         return front, best
 
-    def _show(self, force: bool = False) -> None:
-        now = time.monotonic()
-        # Throttled: thousands of table look-ups a second must not spend their time printing.
-        if not force and now - self._last_show < 1.0:
-            return
-        self._last_show = now
+    def snapshot(self) -> tuple[int, int, int, int, str]:
+        """What the progress line shows; called from the progress thread (reads only)."""
         front, best = self.front_and_best()
-        offline = " | MLflow offline: queued on disk" if self.tracking is not None and self.tracking.offline else ""
-        self.progress.show(
-            done=self.done, running=len(self.running), failed=self.n_failed, front=front, best=best + offline
-        )
+        if self.tracking is not None and self.tracking.offline:
+            best += " | MLflow offline: queued on disk"
+        return self.done, len(self.running), self.n_failed, front, best

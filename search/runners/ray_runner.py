@@ -113,6 +113,11 @@ class _DedupOptunaSearch(OptunaSearch):
             pass
         return "trial ended without reporting its metrics (worker lost)"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles its search algorithm into the experiment snapshot; the driver-side recorder
+        # (threads, MLflow client) stays out of it. The Optuna journal holds the sampler's state.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_recorder", "_trials")}
+
     # The Optuna journal in run_dir is the sampler's state; Ray's pickled copy of it is not needed.
     def save(self, checkpoint_path: str) -> None:
         return None
@@ -151,6 +156,9 @@ class _StartCallback(tune.Callback):
     def __init__(self, recorder: Recorder, trials: dict[str, Any]) -> None:
         self.recorder = recorder
         self.trials = trials
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # Ray snapshots its run config; the live driver-side recorder stays out of it
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials[trial.trial_id] = trial
