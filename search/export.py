@@ -54,10 +54,9 @@ def write_tables(run_dir: Path, objectives: Objectives, rows: list[dict[str, Any
     mark_front(rows, objectives)
     frame = trials_frame(rows)
     frame.to_csv(run_dir / "trials.csv", index=False)
-    if len(frame):
-        front = frame[frame["pareto"]].sort_values(list(objectives.names[:1]), ascending=objectives.modes[0] == "min")
-    else:
-        front = frame
+    front = frame[frame["pareto"]] if len(frame) else frame
+    if len(front):  # with no complete trial there are no objective columns to sort by
+        front = front.sort_values(list(objectives.names[:1]), ascending=objectives.modes[0] == "min")
     front.to_csv(run_dir / "pareto.csv", index=False)
 
 

@@ -7,10 +7,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file
 
 STATE_FILE = "sweep.json"
 JOURNAL_FILE = "optuna.journal"
@@ -34,6 +36,23 @@ class SweepState:
         os.replace(tmp, path)
 
 
+class _FlushedJournal(JournalFileBackend):
+    """Optuna's journal file, flushed but not fsynced on every entry.
+
+    A flushed write survives a killed driver (the OS holds it); fsync guards only against power
+    loss, and costs ~9 disk syncs per trial (each suggested parameter is an entry): measured 21-38
+    against 154 table look-ups a second. trials.jsonl, the source of truth, keeps its fsync, and a
+    resume re-tells Optuna any result the journal lost.
+    """
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with get_lock_file(self._lock):
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with open(self._file_path, "ab") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+
+
 def journal_storage(run_dir: Path) -> optuna.storages.BaseStorage:
     """Optuna's append-only journal in run_dir: the sampler's whole history survives a killed driver."""
-    return JournalStorage(JournalFileBackend(str(Path(run_dir).resolve() / JOURNAL_FILE)))
+    return JournalStorage(_FlushedJournal(str(Path(run_dir).resolve() / JOURNAL_FILE)))

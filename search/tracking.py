@@ -39,6 +39,7 @@ def _prepare(uri: str) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." on every run end
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -63,6 +64,8 @@ class MlflowStore:
         self.registered_model = registered_model
         self._experiment_id: str | None = None
         self._child: dict[int, str] = {}
+        # Live operations know what this process created; only replays must look runs up first.
+        self.replaying = False
 
     @property
     def experiment_id(self) -> str:
@@ -95,7 +98,7 @@ class MlflowStore:
 
     # --- operations (each safe to replay) ---
     def op_trial_started(self, parent: str, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        if self.child(parent, number) is not None:
+        if number in self._child or (self.replaying and self.child(parent, number) is not None):
             return
         run = self.client.create_run(
             self.experiment_id,
@@ -115,12 +118,12 @@ class MlflowStore:
         artifact: str | None,
         status: str,
     ) -> None:
-        run_id = self.child(parent, number)
+        run_id = self._child.get(number) or self.child(parent, number)
         if run_id is None:
             self.op_trial_started(parent, number, params, {})
             run_id = self._child[number]
-        if self.client.get_run(run_id).info.status == status:
-            return  # already recorded (a replay)
+        elif self.replaying and self.client.get_run(run_id).info.status == status:
+            return  # already recorded
         self._log(run_id, metrics=metrics, tags=tags)
         if artifact and Path(artifact).exists():
             self.client.log_artifact(run_id, artifact)
@@ -243,15 +246,19 @@ class Tracking:
         if not force and time.monotonic() < self._next_retry:
             return False
         lines = self.pending_path.read_text().splitlines()
-        for i, line in enumerate(lines):
-            op = json.loads(line)
-            try:
-                getattr(self.store, op.pop("op"))(**op)
-            except Exception as exc:
-                self._next_retry = time.monotonic() + RETRY_EVERY_S
-                self._rewrite(lines[i:])
-                log.warning("MLflow still unreachable (%s); %d operations wait in %s", exc, len(lines) - i, self.pending_path)
-                return False
+        self.store.replaying = True
+        try:
+            for i, line in enumerate(lines):
+                op = json.loads(line)
+                try:
+                    getattr(self.store, op.pop("op"))(**op)
+                except Exception as exc:
+                    self._next_retry = time.monotonic() + RETRY_EVERY_S
+                    self._rewrite(lines[i:])
+                    log.warning("MLflow still unreachable (%s); %d operations wait in %s", exc, len(lines) - i, self.pending_path)
+                    return False
+        finally:
+            self.store.replaying = False
         self._rewrite([])
         return True
 

@@ -201,6 +201,8 @@ class RayRunner:
         # Quiet: the progress line is the sweep's output; Ray's tables and worker logs are not.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        # A failed trial reports its error instead of the objectives; the searcher records it FAILED.
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         warnings.filterwarnings("ignore", module="ray")
         if not ray.is_initialized():
             try:
@@ -211,7 +213,8 @@ class RayRunner:
                     logging_level=logging.ERROR,
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ValueError(f"runner.address: cannot join Ray at {self.address!r}: {str(exc).splitlines()[0]}") from None
+                hint = " (a token-authenticated cluster also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here)"
+                raise ValueError(f"runner.address: cannot join Ray at {self.address!r}: {str(exc).splitlines()[0]}{hint}") from None
         for name in ("ray", "ray.tune", "ray.train"):
             logging.getLogger(name).setLevel(logging.ERROR)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
