@@ -7,6 +7,7 @@ column is reported before the sweep starts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,5 +91,8 @@ class TabularEvaluator:
         except KeyError:
             raise UnknownCandidateError(f"{self.key} {name!r} is not in table {self.table!r} ({len(self._rows)} rows)") from None
 
-    def evaluate(self, candidate: dict[str, Any], trial_dir: Path) -> Evaluation:
+    def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
+        """The row's numbers; nothing is written to `trial_dir` and there is no model file."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"trial deadline passed before the look-up of {self.space.name(candidate)!r}")
         return Evaluation(metrics=self.lookup(self.space.name(candidate)), artifact=None)
