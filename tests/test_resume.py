@@ -35,9 +35,11 @@ def _lines(path: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["ray", "local"])
 def test_kill_driver_then_resume(tmp_path: Path, runner: str) -> None:
-    n = 6
+    n = 8
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["experiment=smoke", f"runner={runner}", f"n_trials={n}", "search=tpe", f"run_dir={run_dir}", f"tracking.uri={uri}"]
+    # 20 epochs: trials of a second or more, so the kill lands mid-sweep however fast the machine is.
+    args = ["experiment=smoke", "evaluator.epochs=20", f"runner={runner}", f"n_trials={n}", "search=tpe",
+            f"run_dir={run_dir}", f"tracking.uri={uri}"]
     if runner == "ray":
         args.append("runner.max_concurrent=2")
     proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -46,8 +48,8 @@ def test_kill_driver_then_resume(tmp_path: Path, runner: str) -> None:
         while len(_lines(run_dir / "trials.jsonl")) < 2:
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-        time.sleep(1.0)  # land the kill while the next trials are running
+            time.sleep(0.05)
+        time.sleep(0.3)  # land the kill while the next trials are running
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
