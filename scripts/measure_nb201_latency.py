@@ -4,8 +4,9 @@
         [--out results/nb201/nb201_latency.csv] [--limit N] [--resume] [--write-partial]
 
 Cells are grouped by NAS-Bench-201's own isomorphism rule (`nb201_unique_str`: 6,466 distinct
-networks on the full table); each group's network is built once from its lowest-index cell (C=16,
-N=5, 3x32x32 input, 10 classes, eval mode, fixed torch seed), exported to ONNX with the project's
+networks on the full table); each group's network is built once from its member with the fewest
+costly ops, i.e. with dead edges removed (C=16, N=5, 3x32x32 input, 10 classes, eval mode, fixed
+torch seed), exported to ONNX with the project's
 exporter and timed with the project's `measure_latency` on a single-thread, batch-1 CPU target.
 Every row of the input table then gets its group's `latency_ms`, `latency_p90_ms`, `params`, `macs`.
 
@@ -94,12 +95,27 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
+# Ops that cost time, most expensive first: a group's representative has the fewest of them.
+COSTLY_OPS = ("nor_conv_3x3", "nor_conv_1x1", "avg_pool_3x3")
+
+
 def network_order(frame: pd.DataFrame, seed: int) -> list[tuple[str, str]]:
-    """(unique key, representative arch) per distinct network, in a seeded random order."""
-    keys = frame[KEY].map(nb201_unique_str)
-    # The lowest-index cell stands for its group: deterministic, and independent of the row order.
-    first = frame.assign(_key=keys).groupby("_key", sort=True)[KEY].first()
-    networks = list(first.items())
+    """(unique key, representative arch) per distinct network, in a seeded random order.
+
+    Isomorphic cells differ only in ops on dead edges (into a node the output never uses, or out
+    of a zero node), which our exported graph still computes (x * 0 keeps its input alive). Each
+    group is therefore measured on its member with the fewest costly ops, i.e. with the dead
+    edges `none`/`skip_connect`: the network a deployment would run once dead code is removed.
+    Ties go to the first such cell in table order.
+    """
+    cells = frame[KEY].map(from_arch_string)
+    ranked = pd.DataFrame({
+        "_key": frame[KEY].map(nb201_unique_str),
+        **{op: cells.map(lambda c, op=op: sum(v == op for v in c.values())) for op in COSTLY_OPS},
+        "_row": np.arange(len(frame)),
+        KEY: frame[KEY].to_numpy(),
+    }).sort_values(["_key", *COSTLY_OPS, "_row"])
+    networks = list(ranked.groupby("_key", sort=True)[KEY].first().items())
     order = np.random.default_rng(seed).permutation(len(networks))
     return [networks[i] for i in order]
 
@@ -206,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name="cpu-1thread", provider="cpu", threads=1, batch_size=1, warmup=args.warmup, repeats=args.repeats
     )
     retry = {k for k, r in records.items() if r["contended"]} if args.retry_contended else set()
-    todo = [(k, a) for k, a in networks if k not in records or k in retry]
+    # A record of another representative (an older rule) is measured again on the current one.
+    todo = [(k, a) for k, a in networks if k not in records or k in retry or records[k]["arch"] != a]
     print(f"{len(networks)} networks ({len(frame)} cells), {len(networks) - len(todo)} already measured, {len(todo)} to go", flush=True)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
