@@ -98,7 +98,12 @@ class MlflowStore:
 
     # --- operations (each safe to replay) ---
     def op_trial_started(self, parent: str, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        if number in self._child or (self.replaying and self.child(parent, number) is not None):
+        if number in self._child and not self.replaying:
+            return
+        if self.replaying and (run_id := self.child(parent, number)) is not None:
+            # The server may have died between creating the run and logging its params; an
+            # identical param logged again is a no-op in MLflow.
+            self._log(run_id, params=params)
             return
         run = self.client.create_run(
             self.experiment_id,
@@ -122,8 +127,15 @@ class MlflowStore:
         if run_id is None:
             self.op_trial_started(parent, number, params, {})
             run_id = self._child[number]
-        elif self.replaying and self.client.get_run(run_id).info.status == status:
-            return  # already recorded
+        elif self.replaying:
+            # The server may have died part-way through this operation: replay only what is missing,
+            # so no metric gets a second history entry and no artifact is uploaded twice.
+            run = self.client.get_run(run_id)
+            if run.info.status == status:
+                return  # already recorded
+            metrics = {k: v for k, v in metrics.items() if k not in run.data.metrics}
+            if artifact and Path(artifact).name in {a.path for a in self.client.list_artifacts(run_id)}:
+                artifact = None
         self._log(run_id, metrics=metrics, tags=tags)
         if artifact and Path(artifact).exists():
             self.client.log_artifact(run_id, artifact)
@@ -142,6 +154,9 @@ class MlflowStore:
         self.client.update_run(run_id, status="RUNNING")
 
     def op_sweep_outputs(self, parent: str, paths: list[str], metrics: Mapping[str, float]) -> None:
+        if self.replaying:  # as in op_trial_ended: a metric that reached the server is not logged again
+            logged = self.client.get_run(parent).data.metrics
+            metrics = {k: v for k, v in metrics.items() if k not in logged}
         self._log(parent, metrics=metrics)
         for p in map(Path, paths):
             if p.is_dir():
