@@ -94,7 +94,7 @@ def test_true_front_matches_brute_force(table: Path, result: dict[str, Any]) -> 
 def test_json_has_the_documented_fields(table: Path, result: dict[str, Any]) -> None:
     out = Path(result["settings"]["table"])
     assert out == table
-    assert set(result) == {"settings", "table", "true_front", "summary", "checks", "runs"}
+    assert set(result) == {"settings", "table", "true_front", "noise_ceiling", "summary", "checks", "runs"}
     settings = result["settings"]
     assert settings["budgets"] == BUDGETS and settings["accuracy"] == "acc" and settings["latency"] == "lat"
     assert settings["samplers"] == {name: {"seeds": SEEDS, "max_budget": 64} for name in SAMPLERS}
@@ -126,3 +126,18 @@ def test_files_written(tmp_path: Path, table: Path) -> None:
         assert all(x is None or x >= 0 for x in regrets)
         assert [x for x in regrets if x is not None] == sorted((x for x in regrets if x is not None), reverse=True)
     assert set(result["summary"]["random"]["regret"]) == {str(b) for b in BUDGETS}
+
+
+def test_noise_ceiling_takes_each_network_at_its_median(result: dict[str, Any]) -> None:
+    # No two of the 64 test cells are the same network: the ceiling is the true front itself.
+    assert result["noise_ceiling"]["networks"] == 64 and result["noise_ceiling"]["ratio"] == pytest.approx(1.0)
+    bench = load_bench()
+    identity = "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"
+    also_identity = "|none~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|none~2|"  # the conv reads a zero node
+    conv = "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|skip_connect~1|none~2|"
+    points = np.array([[70.0, 1.0], [72.0, 1.0], [80.0, 2.0]])
+    reference = np.array([60.0, 3.0])
+    true_hv = 12.0 * 1.0 + 20.0 * 1.0  # front (72, 1) and (80, 2) against (60, 3)
+    ceiling = bench.noise_ceiling(points, [identity, also_identity, conv], reference, true_hv)
+    assert ceiling["networks"] == 2
+    assert ceiling["ratio"] == pytest.approx((11.0 * 1.0 + 20.0 * 1.0) / true_hv)  # identity at its median, 71
