@@ -61,6 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--min-cpu-share", type=float, default=0.9,
         help="a round is clean when the process held a core for at least this share of its wall time",
     )
+    p.add_argument(
+        "--shard", default="0/1", metavar="K/N",
+        help="measure every N-th network to go, from the K-th (0-based): N processes, one per core, share "
+        "the measurements JSONL (each line is one O_APPEND write); the last to finish writes the whole table",
+    )
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--measurements", type=Path, default=None, help="per-network JSONL (default: <out>.measurements.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the measurements JSONL")
@@ -77,6 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} {value}: allowed: an integer >= 1")
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        p.error(f"--shard {args.shard}: allowed: K/N with integers 0 <= K < N, e.g. 0/2 and 1/2")
+    args.shard = (int(k), int(n))
     if not 0 < args.min_cpu_share <= 1:
         p.error(f"--min-cpu-share {args.min_cpu_share}: allowed: a number in (0, 1]")
     return args
@@ -121,28 +130,35 @@ def network_order(frame: pd.DataFrame, seed: int) -> list[tuple[str, str]]:
 
 
 def load_measurements(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Measurements so far, by unique key; a torn last line (a killed writer) is dropped from the file."""
+    """Measurements so far, by unique key. A torn line (a killed writer, or a shard writing right now)
+    is skipped, never rewritten: other shards may be appending to the file."""
     if not path.is_file():
         return {}
-    lines = path.read_text().splitlines(keepends=True)
     records: dict[str, dict[str, Any]] = {}
-    good: list[str] = []
-    for line in lines:
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if not line.endswith("\n"):
             continue
         if record["settings"] != settings:
             raise ValueError(
                 f"{path}: measured with {record['settings']}, not {settings}; allowed: the same flags, or a new --out"
             )
         records[record["unique"]] = record
-        good.append(line)
-    if len(good) != len(lines):
-        path.write_text("".join(good))
     return records
+
+
+def end_torn_line(path: Path) -> None:
+    """A writer killed mid-line leaves no newline: end that line, or the next record would join it."""
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with path.open("a") as f:
+                f.write("\n")
 
 
 def timed_round(onnx_path: Path, target: LatencyTarget) -> tuple[float, float, float]:
@@ -224,8 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     retry = {k for k, r in records.items() if r["contended"]} if args.retry_contended else set()
     # A record of another representative (an older rule) is measured again on the current one.
     todo = [(k, a) for k, a in networks if k not in records or k in retry or records[k]["arch"] != a]
-    print(f"{len(networks)} networks ({len(frame)} cells), {len(networks) - len(todo)} already measured, {len(todo)} to go", flush=True)
+    already = len(networks) - len(todo)
+    # Shards split the fixed network order, not what is left: a shard restarted later keeps its own networks.
+    shard, shards = args.shard
+    mine = {k for k, _ in networks[shard::shards]}
+    todo = [(k, a) for k, a in todo if k in mine]
+    print(f"{len(networks)} networks ({len(frame)} cells), {already} already measured, {len(todo)} to go in shard {shard}/{shards}", flush=True)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
+    end_torn_line(jsonl)
     start = time.monotonic()
     contended = 0
     with tempfile.TemporaryDirectory() as tmp, jsonl.open("a") as log:
@@ -242,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"[{done}/{len(todo)}] {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left, "
                     f"{contended} without a clean round", flush=True,
                 )
-    n_rows = write_table(frame, records if args.limit is None else {k: records[k] for k, _ in networks}, args.out)
-    print(f"wrote {args.out}: {n_rows} rows, {len(networks)} networks; measurements in {jsonl}")
+    records.update(load_measurements(jsonl, settings))  # what other shards measured meanwhile
+    measured = {k: records[k] for k, _ in networks if k in records}
+    n_rows = write_table(frame, measured, args.out)
+    print(f"wrote {args.out}: {n_rows} rows, {len(measured)} of {len(networks)} networks; measurements in {jsonl}")
     return 0
 
 
