@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_samplers", ROOT / "scripts" / "bench_samplers.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def test_free_objectives_are_a_function_of_the_candidate() -> None:
-    bench = load_bench()
+    bench = load_script("bench_samplers")
     a = {"edge1_0": "none", "edge2_0": "skip_connect"}
     b = {"edge1_0": "none", "edge2_0": "nor_conv_3x3"}
     assert bench.free_objectives(a) == bench.free_objectives(dict(reversed(list(a.items()))))
@@ -29,7 +18,7 @@ def test_free_objectives_are_a_function_of_the_candidate() -> None:
 
 
 def test_window_stats() -> None:
-    bench = load_bench()
+    bench = load_script("bench_samplers")
     seconds = np.array([0.001] * 10 + [0.003] * 10)
     assert bench.window_stats(seconds, 20, 10)["median_ms"] == 3.0
     assert bench.window_stats(seconds, 10, 10)["median_ms"] == 1.0
@@ -38,7 +27,7 @@ def test_window_stats() -> None:
 
 def test_small_run_writes_checks(tmp_path: Path) -> None:
     out = tmp_path / "samplers.json"
-    bench = load_bench()
+    bench = load_script("bench_samplers")
     report = bench.main(["--samplers", "random", "evolution", "--spaces", "nb201", "--trials", "30", "--window", "10", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     for name in ("random", "evolution"):

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from script_module import load_script
 
 from search.pareto import non_dominated_mask
 from spaces.nb201 import EDGE_KEYS, to_arch_string
 
-ROOT = Path(__file__).resolve().parent.parent
 OPS = ["nor_conv_1x1", "avg_pool_3x3"]  # 64 cells
 BUDGETS = [8, 32, 64]
 SAMPLERS = ["random", "nsga2", "evolution"]
 SEEDS = 10
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "scripts" / "bench_search.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def run(table: Path, out: Path, *extra: str) -> dict[str, Any]:
         "--budgets", *map(str, BUDGETS), "--seeds", str(SEEDS), "--override", f"space.ops=[{','.join(OPS)}]",
         "--out", str(out), *extra,
     ]
-    return load_bench().main(args)
+    return load_script("bench_search").main(args)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +123,7 @@ def test_files_written(tmp_path: Path, table: Path) -> None:
 def test_noise_ceiling_takes_each_network_at_its_median(result: dict[str, Any]) -> None:
     # No two of the 64 test cells are the same network: the ceiling is the true front itself.
     assert result["noise_ceiling"]["networks"] == 64 and result["noise_ceiling"]["ratio"] == pytest.approx(1.0)
-    bench = load_bench()
+    bench = load_script("bench_search")
     identity = "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"
     also_identity = "|none~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|none~2|"  # the conv reads a zero node
     conv = "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|skip_connect~1|none~2|"

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from script_module import load_script
 
 from spaces.candidate import arch_id, net_id
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_sweep.py"
-_spec = importlib.util.spec_from_file_location("bench_sweep", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_sweep"] = bench
-_spec.loader.exec_module(bench)
+bench = load_script("bench_sweep")
 
 
 def _cand(blocks: list[str], width: int = 32, ratio: float = 0.0, quant: str = "fp32") -> dict[str, Any]:

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pandas as pd
 import pytest
+from script_module import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"seed": 0}
 IDENTITY = "|none~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|"
 ALSO_IDENTITY = "|none~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|none~2|"  # conv on a zero node
 CONV = "|nor_conv_3x3~0|+|none~0|none~1|+|none~0|skip_connect~1|none~2|"
 
 
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("measure_nb201_latency", ROOT / "scripts" / "measure_nb201_latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_torn_lines_are_skipped_then_ended(tmp_path: Path) -> None:
-    m = load()
+    m = load_script("measure_nb201_latency")
     path = tmp_path / "m.jsonl"
     good = json.dumps({"unique": "a", "settings": SETTINGS, "latency_ms": 1.0})
     path.write_text(good + "\n" + '{"unique": "b", "sett')  # a writer killed mid-line
@@ -40,7 +32,7 @@ def test_torn_lines_are_skipped_then_ended(tmp_path: Path) -> None:
 
 
 def test_other_settings_are_refused(tmp_path: Path) -> None:
-    m = load()
+    m = load_script("measure_nb201_latency")
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"unique": "a", "settings": {"seed": 1}}) + "\n")
     with pytest.raises(ValueError, match="measured with"):
@@ -48,14 +40,14 @@ def test_other_settings_are_refused(tmp_path: Path) -> None:
 
 
 def test_isomorphic_cells_are_timed_once_on_the_cheapest_spelling() -> None:
-    m = load()
+    m = load_script("measure_nb201_latency")
     frame = pd.DataFrame({"arch": [ALSO_IDENTITY, IDENTITY, CONV]})
     networks = m.network_order(frame, seed=0)
     assert sorted(a for _, a in networks) == sorted([IDENTITY, CONV])  # the dead conv is not timed
 
 
 def test_two_shards_share_one_file_and_the_last_writes_the_table(tmp_path: Path) -> None:
-    m = load()
+    m = load_script("measure_nb201_latency")
     table = tmp_path / "acc.csv"
     pd.DataFrame({"arch": [IDENTITY, ALSO_IDENTITY, CONV], "cifar10-val": [70.0, 71.0, 80.0]}).to_csv(table, index=False)
     out = tmp_path / "lat.csv"
