@@ -45,6 +45,7 @@ def _quantize_static(
         # Shape inference + graph clean-up first: ORT's quantizer needs value shapes to pick per-channel axes.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        keep_float = first_and_last_layers(onnx.load(str(pre), load_external_data=False).graph)
         # The quantizer warns once per file that int4 QDQ lives in com.microsoft before opset 21: expected.
         root = logging.getLogger()
         level = root.level
@@ -65,9 +66,24 @@ def _quantize_static(
                 # digits: 0.75 vs 0.88 fp32; with 7-bit weights 0.88 at the same speed). The file
                 # then gives the same answers on every x86 CPU, VNNI or not.
                 reduce_range=True,
+                nodes_to_exclude=keep_float,
             )
         finally:
             root.setLevel(level)
+
+
+def first_and_last_layers(graph: onnx.GraphProto) -> list[str]:
+    """Names of the first Conv and the last Gemm/MatMul: the layers that stay float32 in int8/int4.
+
+    The usual practice of post-training quantization (first and last layer at full precision): the
+    stem sees raw pixels on one to three channels, where an int8 GEMM has almost no depth to
+    amortise its packing and the input's quantisation, and the classifier's logits decide the
+    answer. Measured on five macro-CNN nets (32x32 input, batch 1, one AVX2 core): int8 ran at
+    0.27-1.14x the fp32 speed (median 0.62x) fully quantized, 0.29-1.24x (median 0.81x) like this.
+    """
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    heads = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + heads[-1:]
 
 
 def _check_runs_on_cpu(path: Path, fmt: str) -> None:
@@ -85,8 +101,9 @@ def compress_onnx(fp32_path: str | Path, fmt: str, calibration: np.ndarray, out_
     """Write `fp32_path` compressed to `fmt` at `out_path` and return that path.
 
     fp32: a copy. fp16: weights and compute in float16, float32 input/output kept. int8: static QDQ,
-    per-channel int8 weights, int8 activations calibrated on `calibration`. int4: as int8 but with
-    int4 weights (ORT writes its com.microsoft QDQ ops below opset 21); checked to run on the CPU EP.
+    per-channel int8 weights, int8 activations calibrated on `calibration`; the first conv and the
+    classifier stay float32 (`first_and_last_layers`). int4: as int8 but with int4 weights (ORT
+    writes its com.microsoft QDQ ops below opset 21); checked to run on the CPU EP.
     """
     if fmt not in FORMATS:
         raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")

@@ -79,6 +79,12 @@ def test_int8_is_smaller_and_within_two_points(trained):
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert int8_weights, "conv weights should be stored as int8"
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    # The stem conv and the classifier keep float32 weights; every other conv's weight is dequantized int8.
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    head = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    assert convs[0].input[1] not in dequantized and head.input[1] not in dequantized
+    assert all(c.input[1] in dequantized for c in convs[1:])
 
 
 def test_fp16_is_about_half_and_keeps_float32_io(trained):
