@@ -407,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x_label="evaluations",
         y_label="hypervolume / true front's",
         title=f"{args.accuracy} vs {args.latency}" + (f" <= {args.latency_budget:g} ms" if args.latency_budget else ""),
+        targets=TARGETS,
     )
     print_table(summary, args.budgets, best_feasible is not None)
     print(f"wrote {args.out} and {plot}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -91,29 +91,49 @@ def plot_hypervolume_curve(
     x_label: str,
     y_label: str,
     title: str,
+    targets: Sequence[float] = (),
 ) -> Path:
     """One line per series against evaluations 1..n; returns the PNG's path.
 
     A 1-D series is drawn as is; a 2-D one (runs x evaluations) as its median with the
     inter-quartile band of the runs. NaN (e.g. a run cut short) is left out of the statistics.
+    With `targets` (ratios such as 0.99), a second panel shows the gap 1 - y on log axes, where
+    0.98 and 0.995 are far apart (on the first panel they are one line), with each target dashed.
     """
     if not curves:
         raise ValueError("curves is empty; give at least one series name -> array")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    panels = 2 if targets else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=120, squeeze=False)
+    ax, gap_ax = axes[0, 0], (axes[0, 1] if targets else None)
     for name, values in curves.items():
         arr = np.asarray(values, dtype=float)
         if arr.ndim not in (1, 2) or arr.shape[-1] == 0:
             raise ValueError(f"series {name!r} has shape {arr.shape}; expected (evals,) or (runs, evals)")
         steps = np.arange(1, arr.shape[-1] + 1)
         if arr.ndim == 1:
-            ax.plot(steps, arr, lw=1.5, label=name)
-            continue
-        q25, med, q75 = np.nanpercentile(arr, [25, 50, 75], axis=0)
-        (line,) = ax.plot(steps, med, lw=1.5, label=f"{name} (median of {arr.shape[0]}, IQR band)")
-        ax.fill_between(steps, q25, q75, color=line.get_color(), alpha=0.2, linewidth=0)
+            (line,) = ax.plot(steps, arr, lw=1.5, label=name)
+            q25 = med = q75 = arr
+        else:
+            q25, med, q75 = np.nanpercentile(arr, [25, 50, 75], axis=0)
+            (line,) = ax.plot(steps, med, lw=1.5, label=f"{name} (median of {arr.shape[0]}, IQR band)")
+            ax.fill_between(steps, q25, q75, color=line.get_color(), alpha=0.2, linewidth=0)
+        if gap_ax is not None:
+            # log axes cannot show a gap of 0 (the whole front found): clip it at a tiny positive value
+            floor = 1e-5
+            gap_ax.plot(steps, np.clip(1 - med, floor, None), lw=1.5, color=line.get_color())
+            if arr.ndim == 2:
+                gap_ax.fill_between(steps, np.clip(1 - q75, floor, None), np.clip(1 - q25, floor, None),
+                                    color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel=x_label, ylabel=y_label, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if gap_ax is not None:
+        for t in targets:
+            gap_ax.axhline(1 - t, color="black", ls="--", lw=0.8)
+            gap_ax.annotate(f"{t:g}", (1, 1 - t), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
+        gap_ax.set(xscale="log", yscale="log", xlabel=f"{x_label} (log)", ylabel=f"1 - {y_label} (log)",
+                   title="gap to the true front (targets dashed)")
+        gap_ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 

@@ -60,6 +60,16 @@ def test_plot_hypervolume_curve_mixes_single_runs_and_spreads(tmp_path):
         x_label="evaluations", y_label="hypervolume ratio", title="samplers",
     )
     assert _is_png(out)
+    with_gap = plot_hypervolume_curve(
+        tmp_path / "gap.png", {"random": runs, "one sweep": runs[1]},
+        x_label="evaluations", y_label="hypervolume ratio", title="samplers", targets=(0.99, 0.998),
+    )
+    assert _is_png(with_gap)
+    from PIL import Image
+
+    # The gap panel sits beside the first: twice as wide, as tall.
+    assert Image.open(with_gap).size[0] == 2 * Image.open(out).size[0]
+    assert Image.open(with_gap).size[1] == Image.open(out).size[1]
 
 
 @pytest.mark.parametrize(("curves", "match"), [({}, "curves is empty"), ({"bad": np.ones((2, 2, 2))}, "'bad'")])
