@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +10,7 @@ import optuna
 
 from search.dedup import EvaluationRecord
 from search.recorder import Recorder
+from search.runners.limits import check_timeout, deadline_after, error_text
 from search.runners.sweep import Sweep
 from search.study_record import DUPLICATE
 from spaces.candidate import arch_id
@@ -68,21 +67,6 @@ def optimize(
         record.complete(aid, values)
         study.tell(trial, list(values))
     return done
-
-
-def check_timeout(value: float | None) -> float | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-        raise ValueError(f"runner.trial_timeout_s: {value!r} is not allowed; allowed: a number of seconds > 0, or null")
-    return None if value is None else float(value)
-
-
-def deadline_after(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
-def error_text(exc: BaseException) -> str:
-    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    return last
 
 
 class LocalRunner:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,26 +20,21 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from evaluators.base import Evaluator
 from search.dedup import EvaluationRecord
 from search.recorder import Recorder
-from search.runners.local_runner import MAX_DUPLICATE_STREAK, check_timeout, deadline_after, error_text
+from search.runners.limits import check_timeout
+from search.runners.local_runner import MAX_DUPLICATE_STREAK
+from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of, run_trial
 from search.runners.sweep import Sweep
 from search.study_record import DUPLICATE
 from spaces.base import SearchSpace
 from spaces.candidate import arch_id
 
-NUMBER_KEY = "hwnas.trial"  # the Optuna trial number, passed to the trainable with the candidate
-ERROR_KEY = "hwnas_error"
 # Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
 _RAY_KEYS = {
     "timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "time_since_restore",
     "iterations_since_restore", "done", "node_ip", "checkpoint_dir_name", "should_checkpoint",
 }
-
-
-def _candidate(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != NUMBER_KEY}
 
 
 class _DedupOptunaSearch(OptunaSearch):
@@ -68,7 +62,7 @@ class _DedupOptunaSearch(OptunaSearch):
             config = super().suggest(trial_id)
             if config is None:
                 return None
-            aid = arch_id(_candidate(config))
+            aid = arch_id(candidate_of(config))
             known = self._record.known(aid)
             busy = self._record.is_pending(aid)
             if (known is None and not busy) or self._record.exhausted():
@@ -88,7 +82,7 @@ class _DedupOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         values = None
         if ot_trial is not None:
-            number, candidate = ot_trial.number, _candidate(ot_trial.params)
+            number, candidate = ot_trial.number, candidate_of(ot_trial.params)
             if result and not result.get(ERROR_KEY) and not error and all(m in result for m in self.metric):
                 metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
                 self._recorder.finished(number, candidate, metrics, result.get("artifact") or None, result.get("node"))
@@ -130,28 +124,6 @@ class _DedupOptunaSearch(OptunaSearch):
         return self._ot_study
 
 
-def _node() -> str:
-    # Two Ray nodes on one host share its name: the node id tells them apart.
-    return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
-
-
-def _trainable(
-    config: dict[str, Any], evaluator: Evaluator, trials_root: str, threads: int, timeout_s: float | None
-) -> None:
-    import torch
-
-    deadline = deadline_after(timeout_s)
-    torch.set_num_threads(threads)
-    number = int(config[NUMBER_KEY])
-    trial_dir = Path(trials_root) / f"{number:04d}"
-    try:
-        result = evaluator.evaluate(_candidate(config), trial_dir, deadline=deadline)
-    except Exception as exc:  # recorded as a failed trial; the sweep goes on
-        tune.report({ERROR_KEY: error_text(exc), "node": _node()})
-        return
-    tune.report({**result.metrics, "artifact": result.artifact or "", "node": _node()})
-
-
 class _StartCallback(tune.Callback):
     def __init__(self, recorder: Recorder, trials: dict[str, Any]) -> None:
         self.recorder = recorder
@@ -162,7 +134,7 @@ class _StartCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials[trial.trial_id] = trial
-        self.recorder.started(int(trial.config[NUMBER_KEY]), _candidate(trial.config))
+        self.recorder.started(int(trial.config[NUMBER_KEY]), candidate_of(trial.config))
 
 
 def _is_metric(key: str, value: Any) -> bool:
@@ -246,7 +218,7 @@ class RayRunner:
         )
         trainable = tune.with_resources(
             tune.with_parameters(
-                _trainable,
+                run_trial,
                 evaluator=sweep.evaluator,
                 trials_root=str(root / "trials"),
                 threads=max(1, int(self.resources["cpu"])),
