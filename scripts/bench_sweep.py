@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from spaces.candidate import arch_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_KEYS = ("build_s", "train_s", "prune_s", "finetune_s", "export_s", "compress_s", "accuracy_s", "latency_s", "total_s")
+STEP_KEYS = ("data_s", "build_s", "train_s", "prune_s", "finetune_s", "profile_s", "export_s", "compress_s", "accuracy_s", "latency_s", "total_s")
 TARGET_WALL_S = 600.0  # `make search` in at most 10 minutes on 2 cores
 TARGET_OVERHEAD = 0.15
 COMPLETE = "COMPLETE"

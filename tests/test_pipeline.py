@@ -116,6 +116,10 @@ def test_metrics_present_and_sane(results, case):
     assert 0 < m["latency_ms"] <= m["latency_p90_ms"]
     assert m["params"] > 0 and m["macs"] > m["params"]
     assert all(m[f"{s}_s"] >= 0 for s in STEPS) and m["total_s"] >= m["train_s"]
+    # The steps are the whole evaluation: nothing a trial does goes unclocked (the sweep benchmark
+    # counts whatever is left of the wall time as platform overhead).
+    steps = sum(m[f"{s}_s"] for s in STEPS)
+    assert steps <= m["total_s"] < steps + 0.05 + 0.02 * m["total_s"]
     # The artifact is the one file in the trial dir, and it is exactly what was measured.
     assert sorted(p.name for p in trial_dir.iterdir()) == ["model.onnx"]
     assert Path(ev.artifact) == trial_dir / "model.onnx"
