@@ -205,7 +205,7 @@ def write_table(frame: pd.DataFrame, records: dict[str, dict[str, Any]], out: Pa
     for column in OUTPUT_COLUMNS:
         rows[column] = [records[k][column] for k in row_keys]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # shards finishing together must not share it
     rows.to_csv(tmp, index=False)
     os.replace(tmp, out)  # readers never see a half-written table
     return len(rows)
