@@ -36,6 +36,7 @@ import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from search.config import CONF_DIR, compose_config, validate  # noqa: E402
+from search.dedup import Outcome  # noqa: E402
 from search.runners.local_runner import optimize  # noqa: E402
 from spaces.candidate import arch_id  # noqa: E402
 
@@ -87,9 +88,9 @@ def time_study(sampler_name: str, space_name: str, n_trials: int, seed: int, win
     stamps: list[float] = []
     duplicates = [0]
 
-    def evaluate(number: int, candidate: dict[str, Any]) -> list[float]:
+    def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
         stamps.append(time.perf_counter())  # one stamp per evaluation: the sampler's work since the last
-        return free_objectives(candidate)
+        return Outcome.of(free_objectives(candidate))
 
     def on_duplicate() -> None:
         duplicates[0] += 1

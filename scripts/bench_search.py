@@ -39,6 +39,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from evaluators.tabular import TabularEvaluator  # noqa: E402
 from search.config import CONF_DIR, compose_config, validate  # noqa: E402
+from search.dedup import Outcome  # noqa: E402
 from search.objectives import Objectives  # noqa: E402
 from search.pareto import hypervolume, hypervolume_curve, nadir_reference, non_dominated_mask  # noqa: E402
 from search.plots import plot_hypervolume_curve  # noqa: E402
@@ -169,10 +170,11 @@ def run_study(
         # Fewer distinct than evaluations: the sampler kept repeating itself until the runner gave in.
         distinct.add(arch_id(candidate))
 
-    def evaluate(number: int, candidate: dict[str, Any]) -> list[float]:
+    def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
         metrics = evaluator.evaluate(candidate, Path(".")).metrics
         points[-1] = point(metrics, objectives)
-        return objectives.values(metrics)
+        # As in a sweep: a latency budget is told to the sampler as a constraint.
+        return Outcome.of(objectives.values(metrics), objectives.constraints(metrics))
 
     def on_duplicate() -> None:
         duplicates[0] += 1
@@ -323,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     bound = {args.latency: ("upper", args.latency_budget)} if args.latency_budget is not None else {}
     objectives = Objectives((args.accuracy, args.latency), DIRECTIONS, bound)
-    _, space, _ = build_sampler("random", args.override, 0)
+    # The space only: overrides of the sampler (search.*) belong to the samplers under test, not to this one.
+    _, space, _ = build_sampler("random", [o for o in args.override if not o.lstrip("+~").startswith("search.")], 0)
     evaluator = TabularEvaluator(str(args.table), args.key, space, objectives)
 
     table_points, table_archs, missing_cells = space_points(space, evaluator, objectives)

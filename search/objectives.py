@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+# Constraint value of a bound on a metric the trial did not report: violated, by a finite amount.
+MISSING_VIOLATION = 1e9
+
 
 @dataclass(frozen=True)
 class Objectives:
@@ -40,13 +43,24 @@ class Objectives:
         return [float(metrics[n]) for n in self.names]
 
     def is_feasible(self, metrics: Mapping[str, Any]) -> bool:
+        return all(c <= 0 for c in (self.constraints(metrics) or {}).values())
+
+    def constraints(self, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+        """Per bounded metric, <= 0 when the bound is met (Optuna's convention); None without bounds.
+
+        A metric the trial did not report violates its bound by a large finite amount: samplers
+        fit models to these values, and an infinity would break them.
+        """
+        if not self.bounds:
+            return None
+        out = {}
         for name, (kind, bound) in self.bounds.items():
             value = metrics.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                return False
-            if (kind == "upper" and value > bound) or (kind == "lower" and value < bound):
-                return False
-        return True
+                out[name] = MISSING_VIOLATION
+            else:
+                out[name] = float(value) - bound if kind == "upper" else bound - float(value)
+        return out
 
     def matrix(self, rows: list[Mapping[str, Any]]) -> np.ndarray:
         return np.array([[float(r[n]) for n in self.names] for r in rows], dtype=float).reshape(len(rows), len(self.names))

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from search.constraints import set_constraints
 from search.objectives import Objectives
 from search.trial_log import COMPLETE
 
@@ -43,6 +44,7 @@ def reconcile_study(study: optuna.Study, rows: list[Mapping[str, Any]], objectiv
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = by_number.get(t.number)
         if row is not None and row["status"] == COMPLETE:
+            set_constraints(t, study, objectives.constraints(row["metrics"]))
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, objectives.values(row["metrics"]))
         elif row is not None:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 
-from search.dedup import EvaluationRecord
+from search.dedup import EvaluationRecord, Outcome, remember_study, tell
 from search.recorder import Recorder
 from search.runners.limits import check_timeout, deadline_after, error_text
 from search.runners.sweep import Sweep
@@ -18,7 +18,7 @@ from spaces.candidate import arch_id
 # Consecutive duplicate proposals after which the space counts as exhausted (then duplicates run).
 MAX_DUPLICATE_STREAK = 200
 
-Evaluate = Callable[[int, dict[str, Any]], Sequence[float]]
+Evaluate = Callable[[int, dict[str, Any]], Outcome]
 
 
 def optimize(
@@ -33,12 +33,12 @@ def optimize(
 ) -> int:
     """Run ask -> suggest -> evaluate -> tell until `n_evaluations` distinct candidates were evaluated.
 
-    `evaluate(number, candidate)` returns the objective values, or raises (the trial is told FAIL,
-    `on_fail` is called, and the loop goes on). Returns the number of evaluations made.
+    `evaluate(number, candidate)` returns the outcome (objective values, constraint values), or
+    raises (the trial is told FAIL, `on_fail` is called, and the loop goes on). Returns the number
+    of evaluations made.
     """
     record = EvaluationRecord(MAX_DUPLICATE_STREAK)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        record.complete(arch_id(t.params), t.values)  # a resumed study's history counts too
+    remember_study(record, study)  # a resumed study's history counts too
     done = 0
     while done < n_evaluations:
         trial = study.ask()
@@ -48,7 +48,7 @@ def optimize(
         if known is not None and not record.exhausted():
             record.hit()
             trial.set_user_attr(DUPLICATE, aid)
-            study.tell(trial, known)
+            tell(study, trial, known)
             if on_duplicate is not None:
                 on_duplicate()
             continue
@@ -57,15 +57,15 @@ def optimize(
             on_start(trial.number, candidate)
         done += 1
         try:
-            values = evaluate(trial.number, candidate)
+            outcome = evaluate(trial.number, candidate)
         except Exception as exc:  # a failed candidate is a result, not the end of the sweep
             record.complete(aid, None)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if on_fail is not None:
                 on_fail(trial.number, candidate, exc)
             continue
-        record.complete(aid, values)
-        study.tell(trial, list(values))
+        record.complete(aid, outcome)
+        tell(study, trial, outcome)
     return done
 
 
@@ -80,11 +80,11 @@ class LocalRunner:
         study = sweep.create_study()
         node = socket.gethostname()
 
-        def evaluate(number: int, candidate: dict[str, Any]) -> Sequence[float]:
+        def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
             result = sweep.evaluator.evaluate(candidate, sweep.trial_dir(number), deadline=deadline_after(self.trial_timeout_s))
-            values = sweep.objectives.values(result.metrics)
+            outcome = Outcome.of(sweep.objectives.values(result.metrics), sweep.objectives.constraints(result.metrics))
             recorder.finished(number, candidate, result.metrics, result.artifact, node)
-            return values
+            return outcome
 
         def on_fail(number: int, candidate: Mapping[str, Any], exc: BaseException) -> None:
             recorder.failed(number, dict(candidate), error_text(exc), node)

@@ -20,7 +20,9 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from search.dedup import EvaluationRecord
+from search.constraints import set_constraints
+from search.dedup import EvaluationRecord, Outcome, remember_study, tell
+from search.objectives import Objectives
 from search.recorder import Recorder
 from search.runners.limits import check_timeout
 from search.runners.local_runner import MAX_DUPLICATE_STREAK
@@ -40,8 +42,11 @@ _RAY_KEYS = {
 class _DedupOptunaSearch(OptunaSearch):
     """OptunaSearch that records each trial before telling Optuna, and never evaluates a candidate twice."""
 
-    def __init__(self, space: SearchSpace, recorder: Recorder, trials: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self, space: SearchSpace, objectives: Objectives, recorder: Recorder, trials: dict[str, Any], **kwargs: Any
+    ) -> None:
         self._hw_space = space
+        self._objectives = objectives
         self._recorder = recorder
         self._trials = trials  # trial_id -> Ray Trial, filled by _StartCallback (for error texts)
         self._record = EvaluationRecord(MAX_DUPLICATE_STREAK)
@@ -50,8 +55,7 @@ class _DedupOptunaSearch(OptunaSearch):
 
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
-        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            self._record.complete(arch_id(t.params), t.values)  # a resumed study's history counts too
+        remember_study(self._record, self._ot_study)  # a resumed study's history counts too
 
     def _define_by_run(self, trial: optuna.Trial) -> dict[str, Any]:
         candidate = self._hw_space.suggest(trial)
@@ -74,26 +78,28 @@ class _DedupOptunaSearch(OptunaSearch):
             ot_trial = self._ot_trials.pop(trial_id)
             ot_trial.set_user_attr(DUPLICATE, aid)
             if known is not None:
-                self._ot_study.tell(ot_trial, list(known))
+                tell(self._ot_study, ot_trial, known)
             else:  # same candidate running right now: drop this proposal, its result is on the way
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        values = None
+        outcome = None
         if ot_trial is not None:
             number, candidate = ot_trial.number, candidate_of(ot_trial.params)
             if result and not result.get(ERROR_KEY) and not error and all(m in result for m in self.metric):
                 metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
                 self._recorder.finished(number, candidate, metrics, result.get("artifact") or None, result.get("node"))
-                values = [result[m] for m in self.metric]
+                outcome = Outcome.of([result[m] for m in self.metric], self._objectives.constraints(metrics))
+                # OptunaSearch tells the values below; the samplers read the constraints as it does.
+                set_constraints(ot_trial, self._ot_study, outcome.constraints)
             else:
                 self._recorder.failed(number, candidate, self._error_of(trial_id, result), (result or {}).get("node"))
                 result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
         aid = self._arch_of.pop(trial_id, None)
         if aid is not None:
-            self._record.complete(aid, values)
+            self._record.complete(aid, outcome)
 
     def _error_of(self, trial_id: str, result: dict | None) -> str:
         if result and result.get(ERROR_KEY):
@@ -208,6 +214,7 @@ class RayRunner:
         trials: dict[str, Any] = {}
         searcher = _DedupOptunaSearch(
             sweep.space,
+            sweep.objectives,
             recorder,
             trials,
             metric=list(sweep.objectives.names),

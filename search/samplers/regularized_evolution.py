@@ -5,7 +5,8 @@ population is the `population_size` most recently completed trials (older ones a
 good they were); a tournament samples `sample_size` of them and the best becomes the parent; the
 child is the parent with exactly one parameter resampled to a different value. Multi-objective
 studies rank the population by non-dominated sorting, ties broken by crowding distance, then at
-random.
+random. With budgets (Optuna trial constraints), trials within budget beat those over it, and
+those over it rank by how far they miss (Deb's constrained domination).
 
 The whole child is proposed through `sample_relative`; a parameter the parent doesn't have
 (a branch the mutation switched on, e.g. `stage4.*` after `n_stages` 3 -> 4) is drawn uniformly in
@@ -22,6 +23,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.constraints import violation
 from search.pareto import non_dominated_ranks
 from search.samplers._discretize import TrialIndex, sample_other, sample_uniform
 
@@ -118,22 +120,34 @@ class RegularizedEvolutionSampler(BaseSampler):
         return done[-self._population_size :]
 
     def _fitness_keys(self, directions: list[StudyDirection], population: list[FrozenTrial]) -> np.ndarray:
-        """(n, 2) sort keys, smaller is fitter: (value, 0) or (Pareto rank, -crowding distance)."""
+        """(n, 3) sort keys, smaller is fitter: over budget (0/1), then the value or Pareto rank of a
+        trial within budget (how far over budget for one that is not), then minus its crowding distance.
+
+        Deb's constrained domination: any trial within budget beats any trial over it.
+        """
         sign = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in directions])
         q = np.array([t.values for t in population], dtype=float) * sign
+        over = np.array([violation(t) for t in population])
+        ok = over <= 0
+        keys = np.zeros((len(q), 3))
+        keys[:, 0] = ~ok
+        keys[~ok, 1] = over[~ok]
         if q.shape[1] == 1:
-            return np.column_stack([q[:, 0], np.zeros(len(q))])
-        ranks = non_dominated_ranks(q, ["min"] * q.shape[1]).astype(float)
-        crowding = np.zeros(len(q))
-        for rank in np.unique(ranks):
-            members = np.flatnonzero(ranks == rank)
-            crowding[members] = _crowding_distance(q[members])
-        return np.column_stack([ranks, -crowding])
+            keys[ok, 1] = q[ok, 0]
+        elif ok.any():
+            members = np.flatnonzero(ok)
+            ranks = non_dominated_ranks(q[members], ["min"] * q.shape[1]).astype(float)
+            keys[members, 1] = ranks
+            for rank in np.unique(ranks):
+                front = members[ranks == rank]
+                keys[front, 2] = -_crowding_distance(q[front])
+        return keys
 
     def _tournament(self, keys: np.ndarray) -> int:
         contestants = self._rng.choice(len(keys), size=self._sample_size, replace=False)
         # lexsort is stable and the contestants come in random order, so exact ties go at random.
-        best = np.lexsort((keys[contestants, 1], keys[contestants, 0]))[0]
+        k = keys[contestants]
+        best = np.lexsort((k[:, 2], k[:, 1], k[:, 0]))[0]
         return int(contestants[best])
 
     def _mutate(self, parent: FrozenTrial) -> dict[str, Any]:

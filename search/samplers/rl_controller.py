@@ -7,6 +7,7 @@ moving standard deviation (so one learning rate works whatever the reward's unit
 ratio clipping for trials sampled by an older policy, and an entropy bonus. Only COMPLETE trials
 are learned from, each exactly once, in trial-number order, when the next trial is asked: so
 trials running in parallel (Ray Tune's OptunaSearch) are fine, each update uses finished ones.
+A trial over budget (Optuna trial constraints) gets the worst reward seen within budget.
 
 All state (policy, baseline, RNG, learned-trial set) lives in plain attributes, so
 `pickle.loads(pickle.dumps(sampler))` continues exactly where the original would.
@@ -24,6 +25,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from search.constraints import violation
 from search.pareto import hypervolume, non_dominated_mask
 from search.samplers._discretize import TrialIndex, grid, nearest_index, sample_other
 
@@ -133,6 +135,7 @@ class RLControllerSampler(BaseSampler):
         # name -> (distribution, grid values, logits); a changed distribution starts a fresh decision.
         self._decisions: dict[str, tuple[BaseDistribution, list[Any], np.ndarray]] = {}
         self._baseline: float | None = None
+        self._worst: float | None = None  # lowest reward of a trial within budget: what one over budget gets
         self._variance = 0.0
         self._learned: set[int] = set()
         # trial number -> name -> (grid index, log-prob) when the policy proposed it, for the PPO ratio.
@@ -222,7 +225,13 @@ class RLControllerSampler(BaseSampler):
         ]
         for t in sorted(fresh, key=lambda t: t.number):
             self._learned.add(t.number)
-            reward = self._reward(study.directions, t.values)
+            if violation(t) > 0:
+                # Over budget (a hard constraint): as bad as the worst trial seen, and kept off the front.
+                reward = self._worst
+            else:
+                reward = self._reward(study.directions, t.values)
+                if reward is not None:
+                    self._worst = reward if self._worst is None else min(self._worst, reward)
             if reward is not None:
                 self._update(t, reward)
             self._behaviour.pop(t.number, None)
