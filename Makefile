@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check search spaces evaluators tests scripts
+	$(BIN)/mypy
 
 clean-venv:
 	rm -rf $(VENV)

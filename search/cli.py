@@ -70,6 +70,14 @@ def _quiet_warnings() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _load_config(path: Path) -> DictConfig:
+    """A run's saved config.yaml (a mapping), or a one-line ConfigError."""
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"run_dir: {str(path)!r} is not a config mapping; allowed: the config.yaml hwnas wrote")
+    return loaded
+
+
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -129,9 +137,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         if not (key.startswith("objective.") or key.startswith("select") or key.startswith("tracking.")):
             return _fail("hwnas-export", f"{key}: cannot change at export; allowed: objective.*, select=..., tracking.*")
     try:
-        base = OmegaConf.load(saved)
+        base = _load_config(saved)
         overrides = [a for a in rest if not a.startswith("select=")]
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([a.lstrip("+") for a in overrides]))
+        cfg = base.copy()
+        cfg.merge_with(OmegaConf.from_dotlist([a.lstrip("+") for a in overrides]))
         for a in rest:
             if a.startswith("select="):
                 choice = a.split("=", 1)[1]
@@ -184,7 +193,10 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(values["run_dir"])
     if not (run_dir / "config.yaml").is_file():
         return _fail("hwnas-sync", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a sweep")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    try:
+        cfg = _load_config(run_dir / "config.yaml")
+    except ConfigError as exc:
+        return _fail("hwnas-sync", str(exc))
     if "tracking.uri" in values:
         cfg.tracking.uri = values["tracking.uri"]
     tracking = _saved_tracking(cfg, run_dir)

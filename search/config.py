@@ -85,7 +85,7 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required (??? in conf/) but not set; allowed: give it as {missing[0]}=VALUE")
-    unknown = set(cfg.keys()) - TOP_LEVEL
+    unknown = {str(k) for k in cfg.keys()} - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
     _int(cfg, "n_trials", lo=1)
@@ -127,7 +127,7 @@ def _check_objective(obj: DictConfig) -> None:
         raise ConfigError(f"objective.budgets: {obj.budgets!r}; allowed: a mapping metric -> bound")
     for key, bound in obj.budgets.items():
         if not isinstance(bound, (int, float)) or isinstance(bound, bool):
-            raise ConfigError(f"objective.budgets.{key}: {bound!r} is not a number; allowed: a number")
+            raise ConfigError(f"objective.budgets.{key!s}: {bound!r} is not a number; allowed: a number")
 
 
 def check_target_kwargs(node: DictConfig, group: str) -> None:
@@ -148,14 +148,14 @@ def check_target_kwargs(node: DictConfig, group: str) -> None:
         if key in ("_target_", "_partial_", "_convert_", "_recursive_"):
             continue
         if key not in allowed:
-            raise ConfigError(f"{group}.{key}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
 
 
 def _check_keys(node: DictConfig, where: str, allowed: set[str]) -> None:
-    extra = set(node.keys()) - allowed
+    extra = {str(k) for k in node.keys()} - allowed
     if extra:
         raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-    missing = allowed - set(node.keys())
+    missing = allowed - {str(k) for k in node.keys()}
     if missing:
         raise ConfigError(f"{where}.{sorted(missing)[0]}: missing; it must be set")
 

@@ -40,7 +40,7 @@ def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except Exception as exc:  # Hydra wraps constructor errors in InstantiationException
-        cause = exc
+        cause: BaseException = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
         text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -86,6 +86,8 @@ def build_experiment(cfg: DictConfig) -> Built:
             if name not in reported:
                 raise ConfigError(f"objective.budgets.{name}: not reported by the evaluator; allowed: {', '.join(sorted(reported))}")
     runner = _build("runner", cfg.runner)
+    if hasattr(runner, "warm_modules"):
+        runner.warm_modules = [type(evaluator).__module__]
     sweep = Sweep(
         space=space,
         sampler=sampler,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from optuna.study import StudyDirection
 
 # Constraint value of a bound on a metric the trial did not report: violated, by a finite amount.
 MISSING_VIOLATION = 1e9
@@ -33,8 +34,8 @@ class Objectives:
         return cls(names, modes, bounds)
 
     @property
-    def optuna_directions(self) -> list[str]:
-        return ["maximize" if m == "max" else "minimize" for m in self.modes]
+    def optuna_directions(self) -> list[StudyDirection]:
+        return [StudyDirection.MAXIMIZE if m == "max" else StudyDirection.MINIMIZE for m in self.modes]
 
     def values(self, metrics: Mapping[str, float]) -> list[float]:
         missing = [n for n in self.names if n not in metrics]

@@ -7,7 +7,7 @@ user attr INTERRUPTED, their candidate queued again). Counting evaluations exclu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -30,7 +30,7 @@ def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     ]
 
 
-def reconcile_study(study: optuna.Study, rows: list[Mapping[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
+def reconcile_study(study: optuna.Study, rows: Sequence[Mapping[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
     """Finish every trial the dead driver left open; return the candidates that must be run again.
 
     A trial whose result reached trials.jsonl is told that result (the driver died between the two

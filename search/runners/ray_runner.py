@@ -26,7 +26,7 @@ from search.objectives import Objectives
 from search.recorder import Recorder
 from search.runners.limits import check_timeout
 from search.runners.local_runner import MAX_DUPLICATE_STREAK
-from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of, run_trial
+from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, WARM_ENV, candidate_of, run_trial
 from search.runners.sweep import Sweep
 from search.study_record import DUPLICATE
 from spaces.base import SearchSpace
@@ -55,7 +55,7 @@ class _DedupOptunaSearch(OptunaSearch):
 
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
-        remember_study(self._record, self._ot_study)  # a resumed study's history counts too
+        remember_study(self._record, self.study)  # a resumed study's history counts too
 
     def _define_by_run(self, trial: optuna.Trial) -> dict[str, Any]:
         candidate = self._hw_space.suggest(trial)
@@ -78,9 +78,9 @@ class _DedupOptunaSearch(OptunaSearch):
             ot_trial = self._ot_trials.pop(trial_id)
             ot_trial.set_user_attr(DUPLICATE, aid)
             if known is not None:
-                tell(self._ot_study, ot_trial, known)
+                tell(self.study, ot_trial, known)
             else:  # same candidate running right now: drop this proposal, its result is on the way
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -92,7 +92,7 @@ class _DedupOptunaSearch(OptunaSearch):
                 self._recorder.finished(number, candidate, metrics, result.get("artifact") or None, result.get("node"))
                 outcome = Outcome.of([result[m] for m in self.metric], self._objectives.constraints(metrics))
                 # OptunaSearch tells the values below; the samplers read the constraints as it does.
-                set_constraints(ot_trial, self._ot_study, outcome.constraints)
+                set_constraints(ot_trial, self.study, outcome.constraints)
             else:
                 self._recorder.failed(number, candidate, self._error_of(trial_id, result), (result or {}).get("node"))
                 result, error = None, True
@@ -127,6 +127,8 @@ class _DedupOptunaSearch(OptunaSearch):
 
     @property
     def study(self) -> optuna.Study:
+        # OptunaSearch creates its study in _setup_study, before any suggest or result.
+        assert self._ot_study is not None
         return self._ot_study
 
 
@@ -173,6 +175,8 @@ class RayRunner:
         self.storage = storage
         self.max_failures = max_failures
         self.trial_timeout_s = check_timeout(trial_timeout_s)
+        # Modules every trial imports (the evaluator's): workers import them as they start (warm_up).
+        self.warm_modules: list[str] = []
 
     def start(self) -> None:
         """Start or join Ray, and check the cluster can keep this sweep's state. Before any trial."""
@@ -189,6 +193,10 @@ class RayRunner:
                     include_dashboard=False,
                     log_to_driver=False,
                     logging_level=logging.ERROR,
+                    runtime_env={
+                        "worker_process_setup_hook": "search.runners.ray_trial.warm_up",
+                        "env_vars": {WARM_ENV: ",".join(self.warm_modules)},
+                    },
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 hint = " (a token-authenticated cluster also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here)"
