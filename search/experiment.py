@@ -86,8 +86,6 @@ def build_experiment(cfg: DictConfig) -> Built:
             if name not in reported:
                 raise ConfigError(f"objective.budgets.{name}: not reported by the evaluator; allowed: {', '.join(sorted(reported))}")
     runner = _build("runner", cfg.runner)
-    if hasattr(runner, "warm_modules"):
-        runner.warm_modules = [type(evaluator).__module__]
     sweep = Sweep(
         space=space,
         sampler=sampler,

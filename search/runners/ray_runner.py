@@ -26,7 +26,7 @@ from search.objectives import Objectives
 from search.recorder import Recorder
 from search.runners.limits import check_timeout
 from search.runners.local_runner import MAX_DUPLICATE_STREAK
-from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, WARM_ENV, candidate_of, run_trial
+from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of, run_trial
 from search.runners.sweep import Sweep
 from search.study_record import DUPLICATE
 from spaces.base import SearchSpace
@@ -175,8 +175,6 @@ class RayRunner:
         self.storage = storage
         self.max_failures = max_failures
         self.trial_timeout_s = check_timeout(trial_timeout_s)
-        # Modules every trial imports (the evaluator's): workers import them as they start (warm_up).
-        self.warm_modules: list[str] = []
 
     def start(self) -> None:
         """Start or join Ray, and check the cluster can keep this sweep's state. Before any trial."""
@@ -193,10 +191,6 @@ class RayRunner:
                     include_dashboard=False,
                     log_to_driver=False,
                     logging_level=logging.ERROR,
-                    runtime_env={
-                        "worker_process_setup_hook": "search.runners.ray_trial.warm_up",
-                        "env_vars": {WARM_ENV: ",".join(self.warm_modules)},
-                    },
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 hint = " (a token-authenticated cluster also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here)"

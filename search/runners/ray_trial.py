@@ -7,8 +7,6 @@ imports this module and the evaluator's, not the driver's MLflow, Optuna or plot
 
 from __future__ import annotations
 
-import importlib
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from ray import tune
 from evaluators.base import Evaluator
 from search.runners.limits import deadline_after, error_text
 
-WARM_ENV = "HWNAS_WARM_MODULES"  # comma-separated modules a Ray worker imports as it starts
 NUMBER_KEY = "hwnas.trial"  # the Optuna trial number, passed to the trainable with the candidate
 ERROR_KEY = "hwnas_error"
 
@@ -49,13 +46,3 @@ def run_trial(
         return
     tune.report({**result.metrics, "artifact": result.artifact or "", "node": node_name()})
 
-
-def warm_up() -> None:
-    """Ray's worker_process_setup_hook: import the evaluator's modules (torch, Lightning, ONNX Runtime)
-    as a worker process starts, not when its first trial begins.
-
-    Ray starts a job's worker processes while the driver is still setting up Tune, so these
-    seconds of imports overlap that work instead of delaying the first trials.
-    """
-    for name in filter(None, os.environ.get(WARM_ENV, "").split(",")):
-        importlib.import_module(name)
