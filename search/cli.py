@@ -8,12 +8,13 @@ Hydra's `outputs/` in the current directory).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -212,5 +213,26 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The `hwnas` command: `main`, then a prompt exit."""
+    _exit(main())
+
+
+def _exit(code: int) -> NoReturn:
+    # When main returns, everything the sweep keeps is on disk and in MLflow (fsynced trial log,
+    # tables, export, ended runs). The interpreter's own teardown after that (atexit work of Ray,
+    # Tune and MLflow, finalizers of torch and Lightning) took 3.5 s of the user's wait, measured on
+    # the default sweep: stop Ray ourselves and leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

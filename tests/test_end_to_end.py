@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def hwnas(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "from search.cli import run; run()", *args],
         cwd=cwd, capture_output=True, text=True, timeout=900,
     )
 

@@ -100,7 +100,7 @@ def test_outage_loses_and_duplicates_nothing(server: Server, tmp_path: Path, bac
     run_dir = tmp_path / "run"
     log = open(tmp_path / "hwnas.log", "w")
     sweep = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())",
+        [sys.executable, "-c", "from search.cli import run; run()",
          *SWEEP, f"run_dir={run_dir}", f"tracking.uri={server.uri}"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
