@@ -128,7 +128,10 @@ def test_speedup_and_block_grouping() -> None:
 
 def test_targets_state_each_limit_and_whether_it_is_met() -> None:
     fig = {"wall_s": 500.0, "overhead_vs_wall": 0.2}
-    compare = {"median_speedup_retimed": 1.4, "median_speedup": 1.3, "int8_faster_count_retimed": 3, "front_architectures": 4}
+    compare = {"median_speedup_retimed": 1.4, "median_speedup": 1.3, "int8_faster_count_retimed": 3, "front_architectures": 4,
+               "int8_front_median_speedup_retimed": 0.9, "int8_front_points": 2}
     met = [t["met"] for t in bench.targets_section(fig, compare)]
-    assert met == [True, False, True]
+    assert met == [True, False, False, True]  # the int8 points on the front, then every front architecture
+    no_int8 = bench.targets_section(fig, {**compare, "int8_front_median_speedup_retimed": None, "int8_front_points": 0})
+    assert no_int8[2]["met"] is None and no_int8[2]["measured"] is None
     assert bench.targets_section(fig, None)[2]["met"] is None
