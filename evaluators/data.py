@@ -1,14 +1,18 @@
-"""Small image-classification datasets as Lightning data modules, plus numpy views for ONNX Runtime."""
+"""Small image-classification datasets: fixed train/val/test splits as numpy arrays and torch loaders.
+
+Neither Lightning nor torch is imported on import: the driver builds these recipes (and pickles
+them to the workers) without paying ~9 s of imports; training wraps them in a LightningDataModule
+(`evaluators.train.SplitsDataModule`). scikit-learn and torch are imported when the arrays are made.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 SPLITS = ("train", "val", "test")
 
@@ -32,7 +36,7 @@ def _check_common(
         raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an int >= 1")
 
 
-class ArrayDataModule(pl.LightningDataModule):
+class ArrayData:
     """Shared machinery: split raw (N,1,h,w) images, resize, replicate channels, standardise.
 
     Subclasses implement `_raw() -> (images float32 in [0,1] of shape (N,1,h,w), labels int64)`.
@@ -49,7 +53,6 @@ class ArrayDataModule(pl.LightningDataModule):
         batch_size: int,
         seed: int,
     ) -> None:
-        super().__init__()
         _check_common(
             resolution=resolution,
             channels=channels,
@@ -78,9 +81,11 @@ class ArrayDataModule(pl.LightningDataModule):
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.resolution, self.resolution)
 
-    def setup(self, stage: str | None = None) -> None:
+    def setup(self) -> None:
         if self._arrays is not None:
             return
+        from sklearn.model_selection import train_test_split
+
         images, labels = self._raw()
         idx = np.arange(len(labels))
         # Two stratified cuts from one seed: the split is a pure function of (data, fractions, seed).
@@ -109,23 +114,17 @@ class ArrayDataModule(pl.LightningDataModule):
         assert self._arrays is not None
         return self._arrays[split]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
     def __getstate__(self) -> dict:
         # Ship the recipe, not the arrays: evaluators are pickled to workers, which set up lazily.
         state = self.__dict__.copy()
         state["_arrays"] = None
         return state
 
-    # -- helpers --------------------------------------------------------------------------------
-    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, *, shuffle: bool) -> DataLoader:
+        """A torch DataLoader over one split (what Lightning trains on)."""
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
         x, y = self.arrays(split)
         # Own generator: shuffling order depends on the data module's seed, not on global RNG state.
         generator = torch.Generator().manual_seed(self.seed)
@@ -137,7 +136,12 @@ class ArrayDataModule(pl.LightningDataModule):
             generator=generator if shuffle else None,
         )
 
+    # -- helpers --------------------------------------------------------------------------------
+
     def _resize(self, images: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
         t = torch.from_numpy(images.astype(np.float32))
         if t.shape[-1] != self.resolution or t.shape[-2] != self.resolution:
             t = F.interpolate(
@@ -148,7 +152,7 @@ class ArrayDataModule(pl.LightningDataModule):
         return t.numpy()
 
 
-class DigitsDataModule(ArrayDataModule):
+class DigitsData(ArrayData):
     """sklearn's bundled 8x8 digits (1,797 images, 10 classes); no download."""
 
     @property
@@ -156,12 +160,14 @@ class DigitsDataModule(ArrayDataModule):
         return 10
 
     def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits
+
         digits = load_digits()
         images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
         return images, digits.target.astype(np.int64)
 
 
-class SyntheticDataModule(ArrayDataModule):
+class SyntheticData(ArrayData):
     """Generated, learnable data for fast tests: one random template per class plus Gaussian noise."""
 
     def __init__(

@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-OPTIMIZERS = ("adam", "sgd", "adamw")
-ACCELERATORS = ("cpu", "cuda", "auto")
+from evaluators.data import ArrayData
+from evaluators.training_options import OPTIMIZERS, check_accelerator
 
 
 class ClassifierModule(pl.LightningModule):
@@ -63,14 +64,24 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def check_accelerator(accelerator: str) -> None:
-    """Validate an accelerator name and that it can be honoured; never fall back silently."""
-    if accelerator == "gpu":
-        raise ValueError("accelerator='gpu' is ambiguous; allowed: cpu, cuda, auto (say 'cuda' for NVIDIA GPUs)")
-    if accelerator not in ACCELERATORS:
-        raise ValueError(f"accelerator={accelerator!r} is unknown; allowed: {', '.join(ACCELERATORS)}")
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("accelerator='cuda' requested but torch sees no CUDA device on this machine")
+class SplitsDataModule(pl.LightningDataModule):
+    """The Lightning face of a dataset's fixed splits (`evaluators.data.ArrayData`)."""
+
+    def __init__(self, data: ArrayData) -> None:
+        super().__init__()
+        self.data = data
+
+    def setup(self, stage: str | None = None) -> None:
+        self.data.setup()  # idempotent: the arrays are made once per process
+
+    def train_dataloader(self) -> DataLoader:
+        return self.data.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.data.loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.data.loader("test", shuffle=False)
 
 
 class _Deadline(pl.Callback):
@@ -92,7 +103,7 @@ def _quiet_lightning() -> None:
 
 def fit(
     model: nn.Module,
-    datamodule: pl.LightningDataModule,
+    data: ArrayData,
     *,
     epochs: int,
     lr: float,
@@ -102,7 +113,7 @@ def fit(
     seed: int,
     deadline: float | None = None,
 ) -> nn.Module:
-    """Train `model` in place for `epochs` on the datamodule's train split; return it on CPU in eval mode."""
+    """Train `model` in place for `epochs` on the data's train split; return it on CPU in eval mode."""
     check_accelerator(accelerator)
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -117,7 +128,6 @@ def fit(
         enable_model_summary=False,
         callbacks=[_Deadline(deadline)] if deadline is not None else [],
     )
-    datamodule.setup("fit")
     # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.
     model.train()
     with warnings.catch_warnings():
@@ -126,6 +136,9 @@ def fit(
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         # Lightning's own use of a deprecated torch API; nothing to act on here.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        # Only the train loader: validation is done on the exported file, not inside Lightning.
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        # Validation is measured on the exported ONNX file, so the val loop is skipped on purpose.
+        warnings.filterwarnings("ignore", message=".*no `validation_step`.*")
+        # No validation loop (ClassifierModule has no validation_step): accuracy is measured on the
+        # exported file with ONNX Runtime, not inside Lightning.
+        trainer.fit(module, datamodule=SplitsDataModule(data))
     return module.model.cpu().eval()

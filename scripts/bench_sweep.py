@@ -272,8 +272,8 @@ def compare_int8(run_dir: Path, rows: list[dict[str, Any]], repeats: int, front_
         print(f"[bench] {'front' if entry['on_front'] else 'other'} {entry['net_id']} p={entry['prune_ratio']:g} {res['block_mix']:9s} {'/'.join(res['blocks'])}: "
               f"fp32 {res['fp32']['latency_ms']:.4f} ms, int8 {res['int8']['latency_ms']:.4f} ms -> x{res['speedup']:.2f}", flush=True)
     if input_shape is None:
-        evaluator.datamodule.setup()
-        input_shape = tuple(evaluator.datamodule.input_shape)
+        evaluator.data.setup()
+        input_shape = tuple(evaluator.data.input_shape)
     # Back to back, A B B A: a change in load during the pair touches both files equally.
     for res in results:
         halves: dict[str, list[float]] = {fmt: [] for fmt in QUANT_PAIR}

@@ -35,19 +35,25 @@ def _usage() -> str:
     return USAGE.format(groups=groups)
 
 
-def _warm_tracking(cfg: DictConfig) -> threading.Thread | None:
-    if not cfg.tracking.enabled or not str(cfg.tracking.uri).startswith("sqlite:"):
-        return None
+def _warm_up(cfg: DictConfig) -> threading.Thread:
+    """While Ray starts (seconds of waiting on its processes): import what the sweep needs next
+    (Ray Tune's side, MLflow) and let a new SQLite store create its schema."""
 
     def warm() -> None:
+        import search.runners.ray_search  # noqa: F401  (Ray Tune: ~2 s of imports)
+
+        if not cfg.tracking.enabled:
+            return
         from search.tracking import MlflowStore
 
+        if not str(cfg.tracking.uri).startswith("sqlite:"):
+            return  # a server is not contacted before Ray has started
         try:
             MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model).client.search_experiments(max_results=1)
         except Exception:
             pass  # the sweep's own first call reports any real problem
 
-    thread = threading.Thread(target=warm, name="hwnas-mlflow-warm", daemon=True)
+    thread = threading.Thread(target=warm, name="hwnas-warm-up", daemon=True)
     thread.start()
     return thread
 
@@ -105,15 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         built = build_experiment(cfg)
         start = getattr(built.runner, "start", None)
         if start is not None:
-            # Ray takes seconds to start and a new MLflow store seconds to create its schema: overlap them.
-            warm = _warm_tracking(cfg)
+            warm = _warm_up(cfg)
             try:
                 start()  # join or start Ray and check the cluster before anything is written
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             finally:
-                if warm is not None:
-                    warm.join()
+                warm.join()
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
     from search.experiment import run_sweep

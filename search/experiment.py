@@ -6,23 +6,26 @@ import inspect
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from search.config import ConfigError
-from search.export import finalize, write_tables
+from search.export import finalize, prepare_export, write_tables
 from search.objectives import Objectives
 from search.progress import Progress
 from search.recorder import Recorder
 from search.runners.sweep import Sweep
 from search.study_record import reconcile_study
 from search.sweep_state import STATE_FILE, SweepState
-from search.tracking import MlflowStore, Tracking
 from search.trial_log import COMPLETE, TrialLog
+
+if TYPE_CHECKING:
+    from search.tracking import Tracking
 
 CONFIG_FILE = "config.yaml"
 
@@ -68,9 +71,9 @@ def build_experiment(cfg: DictConfig) -> Built:
             latency.check_available()
         except RuntimeError as exc:
             raise ConfigError(f"hardware: {exc}") from None
-    datamodule = _build("dataset", cfg.dataset)
+    data = _build("dataset", cfg.dataset)
     evaluator_factory = _build("evaluator", cfg.evaluator)
-    offered = {"space": space, "datamodule": datamodule, "latency": latency, "seed": cfg.seed, "objectives": objectives}
+    offered = {"space": space, "data": data, "latency": latency, "seed": cfg.seed, "objectives": objectives}
     try:
         evaluator = evaluator_factory(**_accepted(evaluator_factory, offered))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
@@ -140,6 +143,8 @@ def open_tracking(cfg: DictConfig, run_dir: Path, state: SweepState | None) -> t
     study_name = state.study_name if state else cfg.experiment_name
     if not cfg.tracking.enabled:
         return None, state or SweepState(study_name=study_name, parent_run_id=None)
+    from search.tracking import MlflowStore, Tracking  # imported while Ray starts (cli), not on import
+
     store = MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
     try:
         if state is not None and state.parent_run_id is not None:
@@ -192,7 +197,10 @@ def run_sweep(built: Built) -> int:
             reconcile_tracking(tracking, rows)
         print(f"[hwnas] resuming {sweep.run_dir}: {len(rows)} trials done, {len(retried)} interrupted trial(s) queued again")
     sampler_tag = {"sampler": cfg.search._target_.rsplit(".", 1)[-1]}
-    recorder = Recorder(sweep.run_dir, built.objectives, tracking, Progress(cfg.n_trials), sampler_tag)
+    recorder = Recorder(
+        sweep.run_dir, built.objectives, tracking, Progress(cfg.n_trials), sampler_tag,
+        on_first_result=partial(prepare_export, sweep.evaluator),
+    )
     status = "FAILED"
     try:
         built.runner.run(sweep, recorder)

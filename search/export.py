@@ -13,18 +13,19 @@ import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from search.objectives import Objectives
 from search.pareto import non_dominated_mask
-from search.plots import plot_pareto
 from search.recorder import file_sha256
 from search.selection import select
-from search.tracking import Tracking
 from search.trial_log import COMPLETE, trials_frame
+
+if TYPE_CHECKING:
+    from search.tracking import Tracking
 
 EXPORT_DIR = "export"
 LIBRARIES = ("torch", "pytorch-lightning", "onnx", "onnxruntime", "optuna", "ray", "mlflow", "hydra-core", "torch-pruning")
@@ -67,6 +68,8 @@ def _plot(run_dir: Path, objectives: Objectives, rows: list[dict[str, Any]], cho
     points = objectives.matrix([r["metrics"] for r in complete])
     x_name, y_name = objectives.names[1], objectives.names[0]
     budget = objectives.bounds.get(x_name, (None, None))[1]
+    from search.plots import plot_pareto  # matplotlib: only once the sweep has ended
+
     return plot_pareto(
         run_dir / "pareto.png",
         points[:, 1],
@@ -142,6 +145,17 @@ def export_model(run_dir: Path, cfg: DictConfig, row: dict[str, Any], evaluator:
         )
     (out / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return card
+
+
+def prepare_export(evaluator: Any) -> None:
+    """What the export at the end of a sweep needs that can be made early: the plotting library and
+    the evaluator's data. The driver runs this in the background once trials are under way, so the
+    seconds it takes are not added after the last trial."""
+    import search.plots  # noqa: F401  (matplotlib)
+
+    warm_up = getattr(evaluator, "warm_up", None)
+    if warm_up is not None:
+        warm_up()
 
 
 def finalize(

@@ -8,19 +8,22 @@ retries or replays report it again.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from search.objectives import Objectives
 from search.pareto import non_dominated_mask
 from search.progress import Progress
-from search.tracking import Tracking
 from search.trial_log import COMPLETE, FAILED, TrialLog
 from spaces.candidate import arch_id, net_id
+
+if TYPE_CHECKING:  # MLflow is imported by the driver while Ray starts (cli), not on import
+    from search.tracking import Tracking
 
 
 def file_sha256(path: str | Path) -> str:
@@ -39,6 +42,7 @@ class Recorder:
         tracking: Tracking | None,
         progress: Progress,
         tags: Mapping[str, str],
+        on_first_result: Callable[[], None] | None = None,
     ) -> None:
         self.log = TrialLog(run_dir)
         self.objectives = objectives
@@ -49,6 +53,9 @@ class Recorder:
         self.rows = self.log.rows()  # a resumed sweep starts from what is already recorded
         self.numbers = {r["number"] for r in self.rows}
         self.duplicates = 0
+        # Driver work that can wait until trials run (both cores busy, no slot idle because of it).
+        self._on_first_result = on_first_result
+        self._background: threading.Thread | None = None
         self.progress.follow(self.snapshot)
 
     @property
@@ -90,6 +97,8 @@ class Recorder:
 
     def close(self) -> None:
         self.progress.close()
+        if self._background is not None:
+            self._background.join()
 
     # --- internals ---
     def _row(self, number: int, candidate: Mapping[str, Any], status: str, node: str | None) -> dict[str, Any]:
@@ -113,12 +122,23 @@ class Recorder:
         self.log.append(row)
         self.rows.append(row)
         self.numbers.add(number)
+        if self._on_first_result is not None:
+            self._background = threading.Thread(target=self._run_quietly, args=(self._on_first_result,), daemon=True)
+            self._background.start()
+            self._on_first_result = None
         if self.tracking is not None:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
             if row["error"]:
                 tags["error"] = row["error"][:5000]
             status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
             self.tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
+
+    @staticmethod
+    def _run_quietly(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            pass  # only a head start: the export does the same work itself and reports any error
 
     def front_and_best(self) -> tuple[int, str]:
         ok = [r for r in list(self.rows) if r["status"] == COMPLETE and r["feasible"]]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import optuna
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @runtime_checkable

@@ -50,3 +50,14 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return x + out if self.use_residual else out
+
+
+def make_block(block: str, in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Module:
+    """Block from its folded name: `conv`, `dwsep` or `ir<expansion>`."""
+    if block == "conv":
+        return ConvBNReLU(in_ch, out_ch, kernel, stride=stride)
+    if block == "dwsep":
+        return DepthwiseSeparable(in_ch, out_ch, kernel, stride=stride)
+    if block.startswith("ir") and block[2:].isdigit():
+        return InvertedResidual(in_ch, out_ch, kernel, stride=stride, expansion=int(block[2:]))
+    raise ValueError(f"block {block!r} is not a block; allowed: conv, dwsep, ir<expansion>")

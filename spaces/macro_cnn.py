@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from torch import nn
 
-from spaces.blocks import ConvBNReLU, DepthwiseSeparable, InvertedResidual
-from spaces.candidate import COMPRESSION_KEYS, arch_id
+from spaces.candidate import COMPRESSION_KEYS, FORMATS, arch_id
 
-QUANT_FORMATS = ("fp32", "fp16", "int8", "int4")
+if TYPE_CHECKING:
+    from torch import nn
+
 BLOCK_KINDS = ("conv", "dwsep", "ir")
 MAX_STAGES = 6
 STAGE_FIELDS = ("depth", "width", "kernel", "block")
@@ -64,8 +64,8 @@ def prune_ratio_choices(values: Any) -> list[float]:
 def quant_choices(values: Any) -> list[str]:
     items = choice_list("quant", values)
     for item in items:
-        if item not in QUANT_FORMATS:
-            raise ValueError(f"space.quant: {item!r} is not a format; allowed: {', '.join(QUANT_FORMATS)}")
+        if item not in FORMATS:
+            raise ValueError(f"space.quant: {item!r} is not a format; allowed: {', '.join(FORMATS)}")
     return items
 
 
@@ -200,6 +200,11 @@ class MacroCNNSpace:
                 f"candidate {arch_id(candidate)} (n_stages={arch['n_stages']}) does not fit input "
                 f"{height}x{width}: the stem and each stage halve the size; allowed: height and width >= {smallest}"
             )
+        # torch only here: sampling and validating candidates (the driver's work) never needs it.
+        from torch import nn
+
+        from spaces.blocks import ConvBNReLU, make_block
+
         layers: list[nn.Module] = [ConvBNReLU(channels, self.stem_width, 3, stride=self.stem_stride)]
         in_ch = self.stem_width
         for i in range(1, arch["n_stages"] + 1):
@@ -216,14 +221,3 @@ class MacroCNNSpace:
             nn.Flatten(),
             nn.Linear(in_ch, num_classes),
         )
-
-
-def make_block(block: str, in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Module:
-    """Block from its folded name: `conv`, `dwsep` or `ir<expansion>`."""
-    if block == "conv":
-        return ConvBNReLU(in_ch, out_ch, kernel, stride=stride)
-    if block == "dwsep":
-        return DepthwiseSeparable(in_ch, out_ch, kernel, stride=stride)
-    if block.startswith("ir") and block[2:].isdigit():
-        return InvertedResidual(in_ch, out_ch, kernel, stride=stride, expansion=int(block[2:]))
-    raise ValueError(f"block {block!r} is not a block; allowed: conv, dwsep, ir<expansion>")

@@ -65,3 +65,21 @@ def test_help_lists_groups() -> None:
     assert proc.returncode == 0
     for group in ("space", "search", "runner", "hardware"):
         assert group in proc.stdout
+
+
+HEAVY = ("torch", "pytorch_lightning", "lightning_fabric", "sklearn", "mlflow", "matplotlib", "ray.tune")
+
+
+def test_validating_and_building_the_default_experiment_imports_none_of_the_heavy_libraries():
+    # The driver validates the config and builds (and later pickles) the evaluator before Ray starts;
+    # torch, Lightning and scikit-learn are the workers' business, Ray Tune and MLflow are imported
+    # while Ray starts. Each of these costs seconds of start-up on two cores. A fresh interpreter.
+    code = (
+        "import sys\n"
+        "from search.config import compose_config, validate\n"
+        "from search.experiment import build_experiment\n"
+        "cfg = compose_config(['run_dir=unused']); validate(cfg); build_experiment(cfg)\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -8,18 +8,18 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from evaluators.data import DigitsDataModule, SyntheticDataModule
+from evaluators.data import DigitsData, SyntheticData
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
 
-def digits(**overrides) -> DigitsDataModule:
+def digits(**overrides) -> DigitsData:
     kwargs = dict(resolution=16, channels=1, val_fraction=0.15, test_fraction=0.15, batch_size=32, seed=0)
     kwargs.update(overrides)
-    return DigitsDataModule(**kwargs)
+    return DigitsData(**kwargs)
 
 
-def synthetic(**overrides) -> SyntheticDataModule:
+def synthetic(**overrides) -> SyntheticData:
     kwargs = dict(
         n_samples=200,
         num_classes=4,
@@ -31,7 +31,7 @@ def synthetic(**overrides) -> SyntheticDataModule:
         seed=0,
     )
     kwargs.update(overrides)
-    return SyntheticDataModule(**kwargs)
+    return SyntheticData(**kwargs)
 
 
 def test_digits_splits_cover_all_images_stratified_and_standardised():
@@ -72,11 +72,16 @@ def test_three_channels_replicate_one():
     np.testing.assert_array_equal(x[:, 0], x[:, 2])
 
 
-def test_loaders_yield_batches_of_the_right_shape():
-    dm = synthetic(channels=3, resolution=12)
+def test_lightning_datamodule_yields_batches_of_the_right_shape():
+    from evaluators.train import SplitsDataModule
+
+    data = synthetic(channels=3, resolution=12)
+    dm = SplitsDataModule(data)
+    dm.setup("fit")
     xb, yb = next(iter(dm.train_dataloader()))
     assert tuple(xb.shape) == (16, 3, 12, 12) and yb.dtype.is_floating_point is False
-    assert sum(len(b[1]) for b in dm.val_dataloader()) == len(dm.arrays("val")[1])
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == len(data.arrays("val")[1])
+    assert sum(len(b[1]) for b in dm.test_dataloader()) == len(data.arrays("test")[1])
 
 
 def test_synthetic_classes_are_separable_by_their_means():

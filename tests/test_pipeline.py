@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from evaluators.base import Evaluation
-from evaluators.data import SyntheticDataModule
+from evaluators.data import SyntheticData
 from evaluators.latency import LatencyTarget
 from evaluators.onnx_accuracy import onnx_accuracy
 from evaluators.pipeline import STEPS, PipelineEvaluator
@@ -61,7 +61,7 @@ class TinySpace:
 def make_evaluator(**overrides) -> PipelineEvaluator:
     kwargs = dict(
         space=TinySpace(),
-        datamodule=SyntheticDataModule(
+        data=SyntheticData(
             n_samples=400,
             num_classes=4,
             resolution=12,
@@ -124,7 +124,7 @@ def test_metrics_present_and_sane(results, case):
     assert sorted(p.name for p in trial_dir.iterdir()) == ["model.onnx"]
     assert Path(ev.artifact) == trial_dir / "model.onnx"
     assert m["model_bytes"] == Path(ev.artifact).stat().st_size
-    x, y = make_evaluator().datamodule.arrays("val")
+    x, y = make_evaluator().data.arrays("val")
     assert onnx_accuracy(ev.artifact, x, y) == m["val_accuracy"]
     assert ev.info["quant"] == case[0] and ev.info["prune_ratio"] == case[1]
 
@@ -202,7 +202,7 @@ class NaNNet(nn.Module):
 
 
 def test_non_finite_loss_raises_naming_the_epoch():
-    dm = make_evaluator().datamodule
+    dm = make_evaluator().data
     with pytest.raises(FloatingPointError, match="epoch 0"):
         fit(NaNNet(), dm, epochs=2, lr=1e-3, optimizer="sgd", weight_decay=0.0, accelerator="cpu", seed=0)
 
@@ -210,7 +210,7 @@ def test_non_finite_loss_raises_naming_the_epoch():
 def test_config_instantiates_with_the_experiment_kwargs():
     partial = instantiate(OmegaConf.load(CONF / "evaluator" / "pipeline.yaml"))
     base = make_evaluator()
-    ev = partial(space=base.space, datamodule=base.datamodule, latency=base.latency, seed=1)
+    ev = partial(space=base.space, data=base.data, latency=base.latency, seed=1)
     assert isinstance(ev, PipelineEvaluator)
     assert (ev.epochs, ev.finetune_epochs, ev.accelerator, ev.opset, ev.torch_threads) == (6, 2, "cpu", 17, 1)
     assert ev.seed == 1 and ev.latency is base.latency

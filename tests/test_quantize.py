@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from evaluators.data import DigitsDataModule
+from evaluators.data import DigitsData
 from evaluators.onnx_accuracy import onnx_accuracy
 from evaluators.onnx_export import export_onnx
 from evaluators.quantize import FORMATS, compress_onnx
@@ -33,7 +33,7 @@ def digits_cnn() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    dm = DigitsDataModule(
+    dm = DigitsData(
         resolution=16, channels=1, val_fraction=0.15, test_fraction=0.15, batch_size=64, seed=0
     )
     threads = torch.get_num_threads()

@@ -17,136 +17,10 @@ from typing import Any
 
 import optuna
 import ray
-from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
-from search.constraints import set_constraints
-from search.dedup import EvaluationRecord, Outcome, remember_study, tell
-from search.objectives import Objectives
 from search.recorder import Recorder
 from search.runners.limits import check_timeout
-from search.runners.local_runner import MAX_DUPLICATE_STREAK
-from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of, run_trial
 from search.runners.sweep import Sweep
-from search.study_record import DUPLICATE
-from spaces.base import SearchSpace
-from spaces.candidate import arch_id
-
-# Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
-_RAY_KEYS = {
-    "timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "time_since_restore",
-    "iterations_since_restore", "done", "node_ip", "checkpoint_dir_name", "should_checkpoint",
-}
-
-
-class _DedupOptunaSearch(OptunaSearch):
-    """OptunaSearch that records each trial before telling Optuna, and never evaluates a candidate twice."""
-
-    def __init__(
-        self, space: SearchSpace, objectives: Objectives, recorder: Recorder, trials: dict[str, Any], **kwargs: Any
-    ) -> None:
-        self._hw_space = space
-        self._objectives = objectives
-        self._recorder = recorder
-        self._trials = trials  # trial_id -> Ray Trial, filled by _StartCallback (for error texts)
-        self._record = EvaluationRecord(MAX_DUPLICATE_STREAK)
-        self._arch_of: dict[str, str] = {}
-        super().__init__(space=self._define_by_run, **kwargs)
-
-    def _setup_study(self, mode: str | list) -> None:
-        super()._setup_study(mode)
-        remember_study(self._record, self.study)  # a resumed study's history counts too
-
-    def _define_by_run(self, trial: optuna.Trial) -> dict[str, Any]:
-        candidate = self._hw_space.suggest(trial)
-        return {**candidate, NUMBER_KEY: trial.number}
-
-    def suggest(self, trial_id: str) -> dict | None:
-        while True:
-            config = super().suggest(trial_id)
-            if config is None:
-                return None
-            aid = arch_id(candidate_of(config))
-            known = self._record.known(aid)
-            busy = self._record.is_pending(aid)
-            if (known is None and not busy) or self._record.exhausted():
-                self._record.start(aid)
-                self._arch_of[trial_id] = aid
-                return config
-            self._record.hit()
-            self._recorder.duplicate()
-            ot_trial = self._ot_trials.pop(trial_id)
-            ot_trial.set_user_attr(DUPLICATE, aid)
-            if known is not None:
-                tell(self.study, ot_trial, known)
-            else:  # same candidate running right now: drop this proposal, its result is on the way
-                self.study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        outcome = None
-        if ot_trial is not None:
-            number, candidate = ot_trial.number, candidate_of(ot_trial.params)
-            if result and not result.get(ERROR_KEY) and not error and all(m in result for m in self.metric):
-                metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
-                self._recorder.finished(number, candidate, metrics, result.get("artifact") or None, result.get("node"))
-                outcome = Outcome.of([result[m] for m in self.metric], self._objectives.constraints(metrics))
-                # OptunaSearch tells the values below; the samplers read the constraints as it does.
-                set_constraints(ot_trial, self.study, outcome.constraints)
-            else:
-                self._recorder.failed(number, candidate, self._error_of(trial_id, result), (result or {}).get("node"))
-                result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
-        aid = self._arch_of.pop(trial_id, None)
-        if aid is not None:
-            self._record.complete(aid, outcome)
-
-    def _error_of(self, trial_id: str, result: dict | None) -> str:
-        if result and result.get(ERROR_KEY):
-            return str(result[ERROR_KEY])
-        trial = self._trials.get(trial_id)
-        try:
-            err = trial.get_error() if trial is not None else None
-            if err is not None:
-                return str(err).strip().splitlines()[-1][:2000]
-        except Exception:
-            pass
-        return "trial ended without reporting its metrics (worker lost)"
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Ray pickles its search algorithm into the experiment snapshot; the driver-side recorder
-        # (threads, MLflow client) stays out of it. The Optuna journal holds the sampler's state.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_recorder", "_trials")}
-
-    # The Optuna journal in run_dir is the sampler's state; Ray's pickled copy of it is not needed.
-    def save(self, checkpoint_path: str) -> None:
-        return None
-
-    def restore(self, checkpoint_path: str) -> None:
-        return None
-
-    @property
-    def study(self) -> optuna.Study:
-        # OptunaSearch creates its study in _setup_study, before any suggest or result.
-        assert self._ot_study is not None
-        return self._ot_study
-
-
-class _StartCallback(tune.Callback):
-    def __init__(self, recorder: Recorder, trials: dict[str, Any]) -> None:
-        self.recorder = recorder
-        self.trials = trials
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}  # Ray snapshots its run config; the live driver-side recorder stays out of it
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.trials[trial.trial_id] = trial
-        self.recorder.started(int(trial.config[NUMBER_KEY]), candidate_of(trial.config))
-
-
-def _is_metric(key: str, value: Any) -> bool:
-    return key not in _RAY_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RayRunner:
@@ -185,12 +59,20 @@ class RayRunner:
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         warnings.filterwarnings("ignore", module="ray")
         if not ray.is_initialized():
+            # A local instance would prestart idle workers that Tune never uses (each trial actor gets
+            # its own process): on 2 cores they took CPU from start-up, ~2 s later first trials.
+            local: dict[str, Any] = {}
+            if not self.address:
+                local["_system_config"] = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
             try:
                 ray.init(
-                    address=self.address,
+                    # null means a new local instance, as documented: not whatever cluster
+                    # RAY_ADDRESS or an earlier `ray start` on this machine left behind.
+                    address=self.address or "local",
                     include_dashboard=False,
                     log_to_driver=False,
                     logging_level=logging.ERROR,
+                    **local,
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 hint = " (a token-authenticated cluster also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here)"
@@ -211,10 +93,15 @@ class RayRunner:
                 )
 
     def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
+        from ray import tune
+
+        from search.runners.ray_search import DedupOptunaSearch, StartCallback
+        from search.runners.ray_trial import run_trial
+
         self.start()
         root = Path(self.storage).resolve() / sweep.run_dir.resolve().name if self.storage else sweep.run_dir.resolve()
         trials: dict[str, Any] = {}
-        searcher = _DedupOptunaSearch(
+        searcher = DedupOptunaSearch(
             sweep.space,
             sweep.objectives,
             recorder,
@@ -252,7 +139,7 @@ class RayRunner:
                 name="tune",
                 storage_path=str(root / "ray"),
                 verbose=0,
-                callbacks=[_StartCallback(recorder, trials)],
+                callbacks=[StartCallback(recorder, trials)],
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
