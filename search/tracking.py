@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,16 @@ def _prepare(uri: str) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ..." on every run end
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an SQLite store's file, never in the
+    current directory (MLflow's default for a database store is ./mlruns of whichever directory the
+    command ran in). A server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
+    return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts" / slug).as_uri()
 
 
 def _metrics(values: Mapping[str, Any]) -> list[Metric]:
@@ -71,7 +82,11 @@ class MlflowStore:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+            self._experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri, self.experiment))
+            )
         return self._experiment_id
 
     def create_sweep(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:

@@ -80,3 +80,16 @@ def test_queued_operations_replay_in_order_once(store: MlflowStore, tmp_path: Pa
     (child,) = store.children(parent)
     assert [m.value for m in store.client.get_metric_history(child.info.run_id, "val_accuracy")] == [0.91]
     assert [m.value for m in store.client.get_metric_history(parent, "n_trials")] == [1]
+
+
+def test_artifacts_of_an_sqlite_store_land_beside_its_file_not_in_the_current_directory(
+    store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # MLflow's default would be ./mlruns here
+    parent = store.create_sweep("sweep", params={"seed": 0}, tags={})
+    store.client.log_artifact(parent, str(_artifact(tmp_path)))
+    assert (tmp_path / "mlartifacts" / "replay" / parent / "artifacts" / "model.onnx").read_bytes() == b"onnx bytes"
+    assert not (cwd / "mlruns").exists()
+
