@@ -7,7 +7,9 @@ imports this module and the evaluator's, not the driver's MLflow, Optuna or plot
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,13 @@ def node_name() -> str:
 def run_trial(
     config: dict[str, Any], evaluator: Evaluator, trials_root: str, threads: int, timeout_s: float | None
 ) -> None:
-    import torch
-
     deadline = deadline_after(timeout_s)
-    torch.set_num_threads(threads)
+    # The trial's CPUs, for whatever the evaluator runs; torch is not imported for it (a table
+    # look-up never needs torch), it reads OMP_NUM_THREADS when the evaluator imports it.
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     number = int(config[NUMBER_KEY])
     trial_dir = Path(trials_root) / f"{number:04d}"
     try:
