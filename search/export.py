@@ -149,8 +149,9 @@ def export_model(run_dir: Path, cfg: DictConfig, row: dict[str, Any], evaluator:
 
 def prepare_export(evaluator: Any) -> None:
     """What the export at the end of a sweep needs that can be made early: the plotting library and
-    the evaluator's data. The driver runs this in the background once trials are under way, so the
-    seconds it takes are not added after the last trial."""
+    the evaluator's data. The driver runs this in the background once no further trial will start
+    (a trial slot is idle from then on), so its seconds are neither taken from running trials nor
+    added after the last one."""
     import search.plots  # noqa: F401  (matplotlib)
 
     warm_up = getattr(evaluator, "warm_up", None)

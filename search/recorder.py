@@ -42,7 +42,8 @@ class Recorder:
         tracking: Tracking | None,
         progress: Progress,
         tags: Mapping[str, str],
-        on_first_result: Callable[[], None] | None = None,
+        n_trials: int | None = None,
+        when_no_trial_left_to_start: Callable[[], None] | None = None,
     ) -> None:
         self.log = TrialLog(run_dir)
         self.objectives = objectives
@@ -53,8 +54,10 @@ class Recorder:
         self.rows = self.log.rows()  # a resumed sweep starts from what is already recorded
         self.numbers = {r["number"] for r in self.rows}
         self.duplicates = 0
-        # Driver work that can wait until trials run (both cores busy, no slot idle because of it).
-        self._on_first_result = on_first_result
+        # Driver work for the end of the sweep, run in the background as soon as no further trial
+        # will start: from then on a trial slot is idle, so it costs the trials nothing.
+        self.n_trials = n_trials
+        self._when_no_trial_left = when_no_trial_left_to_start
         self._background: threading.Thread | None = None
         self.progress.follow(self.snapshot)
 
@@ -122,10 +125,11 @@ class Recorder:
         self.log.append(row)
         self.rows.append(row)
         self.numbers.add(number)
-        if self._on_first_result is not None:
-            self._background = threading.Thread(target=self._run_quietly, args=(self._on_first_result,), daemon=True)
+        work = self._when_no_trial_left
+        if work is not None and self.n_trials is not None and self.done + len(self.running) >= self.n_trials:
+            self._when_no_trial_left = None
+            self._background = threading.Thread(target=self._run_quietly, args=(work,), daemon=True)
             self._background.start()
-            self._on_first_result = None
         if self.tracking is not None:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
             if row["error"]:
