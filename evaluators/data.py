@@ -137,7 +137,6 @@ class ArrayData:
         )
 
     # -- helpers --------------------------------------------------------------------------------
-
     def _resize(self, images: np.ndarray) -> np.ndarray:
         import torch
         import torch.nn.functional as F

@@ -136,9 +136,8 @@ def fit(
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         # Lightning's own use of a deprecated torch API; nothing to act on here.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        # Validation is measured on the exported ONNX file, so the val loop is skipped on purpose.
+        # No validation loop (ClassifierModule has no validation_step, so Lightning skips the data
+        # module's val loader and says so): accuracy is measured on the exported file with ONNX Runtime.
         warnings.filterwarnings("ignore", message=".*no `validation_step`.*")
-        # No validation loop (ClassifierModule has no validation_step): accuracy is measured on the
-        # exported file with ONNX Runtime, not inside Lightning.
         trainer.fit(module, datamodule=SplitsDataModule(data))
     return module.model.cpu().eval()

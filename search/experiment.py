@@ -199,7 +199,7 @@ def run_sweep(built: Built) -> int:
     sampler_tag = {"sampler": cfg.search._target_.rsplit(".", 1)[-1]}
     recorder = Recorder(
         sweep.run_dir, built.objectives, tracking, Progress(cfg.n_trials), sampler_tag,
-        n_trials=cfg.n_trials, when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator),
+        when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator),
     )
     status = "FAILED"
     try:

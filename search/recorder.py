@@ -42,7 +42,6 @@ class Recorder:
         tracking: Tracking | None,
         progress: Progress,
         tags: Mapping[str, str],
-        n_trials: int | None = None,
         when_no_trial_left_to_start: Callable[[], None] | None = None,
     ) -> None:
         self.log = TrialLog(run_dir)
@@ -56,7 +55,6 @@ class Recorder:
         self.duplicates = 0
         # Driver work for the end of the sweep, run in the background as soon as no further trial
         # will start: from then on a trial slot is idle, so it costs the trials nothing.
-        self.n_trials = n_trials
         self._when_no_trial_left = when_no_trial_left_to_start
         self._background: threading.Thread | None = None
         self.progress.follow(self.snapshot)
@@ -126,7 +124,7 @@ class Recorder:
         self.rows.append(row)
         self.numbers.add(number)
         work = self._when_no_trial_left
-        if work is not None and self.n_trials is not None and self.done + len(self.running) >= self.n_trials:
+        if work is not None and self.done + len(self.running) >= self.progress.total:
             self._when_no_trial_left = None
             self._background = threading.Thread(target=self._run_quietly, args=(work,), daemon=True)
             self._background.start()

@@ -32,10 +32,15 @@ RETRY_EVERY_S = 15.0
 log = logging.getLogger(__name__)
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of an `sqlite:///path` URI (relative or absolute), None for anything else."""
+    return Path(uri[len("sqlite:///") :]).expanduser() if uri.startswith("sqlite:///") else None
+
+
 def _prepare(uri: str) -> None:
     # sqlite:///relative/path.db -> make sure the folder exists (MLflow does not create it).
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if (db := _sqlite_file(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     # MLflow's HTTP client retries a dead server for minutes by default; we queue instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -49,10 +54,10 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside an SQLite store's file, never in the
     current directory (MLflow's default for a database store is ./mlruns of whichever directory the
     command ran in). A server decides for itself (None)."""
-    if not uri.startswith("sqlite:///"):
+    if (db := _sqlite_file(uri)) is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
-    return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts" / slug).as_uri()
+    return (db.resolve().parent / "mlartifacts" / slug).as_uri()
 
 
 def _metrics(values: Mapping[str, Any]) -> list[Metric]:

@@ -23,7 +23,7 @@ def test_end_of_sweep_work_starts_once_no_trial_is_left_to_start(tmp_path: Path)
 
     rec = Recorder(
         tmp_path, OBJECTIVES, None, Progress(4, stream=io.StringIO()), {},
-        n_trials=4, when_no_trial_left_to_start=work,
+        when_no_trial_left_to_start=work,
     )
     for n in (0, 1):
         rec.started(n, {"x": n})
