@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evaluators.base import Evaluation
-from evaluators.data import ArrayData
-from evaluators.latency import LatencyTarget, measure_latency
-from evaluators.onnx_accuracy import onnx_accuracy
-from evaluators.training_options import OPTIMIZERS, check_accelerator
-from spaces.base import SearchSpace
-from spaces.candidate import FORMATS, net_id
+from hwnas.evaluators.base import Evaluation
+from hwnas.evaluators.data import ArrayData
+from hwnas.evaluators.latency import LatencyTarget, measure_latency
+from hwnas.evaluators.onnx_accuracy import onnx_accuracy
+from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
+from hwnas.spaces.base import SearchSpace
+from hwnas.spaces.candidate import FORMATS, net_id
 
 if TYPE_CHECKING:
     from torch import nn
@@ -166,10 +166,10 @@ class PipelineEvaluator:
         import pytorch_lightning as pl
         import torch
 
-        from evaluators.onnx_export import export_onnx
-        from evaluators.profile import count_params_macs
-        from evaluators.prune import prune
-        from evaluators.quantize import compress_onnx
+        from hwnas.evaluators.onnx_export import export_onnx
+        from hwnas.evaluators.profile import count_params_macs
+        from hwnas.evaluators.prune import prune
+        from hwnas.evaluators.quantize import compress_onnx
 
         # total_s covers every step of the evaluation, so that sweep overheads (process start-up,
         # scheduling, bookkeeping) are what is left of the wall time, not work a trial did unclocked.
@@ -260,7 +260,7 @@ class PipelineEvaluator:
         yield
 
     def _fit(self, model: nn.Module, epochs: int, seed: int) -> nn.Module:
-        from evaluators.train import fit
+        from hwnas.evaluators.train import fit
 
         return fit(
             model,

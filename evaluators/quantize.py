@@ -14,7 +14,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from spaces.candidate import FORMATS
+from hwnas.spaces.candidate import FORMATS
 
 _CALIBRATION_BATCH = 64
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from evaluators.base import Evaluation
+from hwnas.evaluators.base import Evaluation
 
 READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from evaluators.data import ArrayData
-from evaluators.training_options import OPTIMIZERS, check_accelerator
+from hwnas.evaluators.data import ArrayData
+from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
 
 
 class ClassifierModule(pl.LightningModule):

@@ -39,9 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)
 WORK = ROOT / "results" / "bench" / "runtime_runs"
 TABLE_METRICS = "objective.metrics=[{name: acc, mode: max}, {name: latency_ms, mode: min}]"
 TARGET_RAY_S_PER_TRIAL = 0.15
@@ -106,7 +105,7 @@ def fsync_ms(folder: Path, n: int = 50) -> float:
 
 def hwnas(overrides: Sequence[str], log: Path, timeout_s: float) -> dict[str, Any]:
     """Run the CLI as a user does; return launch time, wall time and exit status."""
-    command = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *overrides]
+    command = [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *overrides]
     launched = time.time()
     with open(log, "w") as out:
         proc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
@@ -121,7 +120,7 @@ def make_table(path: Path) -> Path:
     import numpy as np
     import pandas as pd
 
-    from spaces.nb201 import EDGE_KEYS, OPS, to_arch_string
+    from hwnas.spaces.nb201 import EDGE_KEYS, OPS, to_arch_string
 
     rng = np.random.default_rng(0)
     cells = [dict(zip(EDGE_KEYS, ops, strict=True)) for ops in itertools.product(OPS, repeat=len(EDGE_KEYS))]
@@ -253,8 +252,8 @@ def cpu_parallelism(loops: int = 30_000_000) -> float:
 def memory_child(n: int, every: int, tracking: bool, table: Path, out: Path) -> None:
     """Run a local sweep in this process; the evaluator wrapper samples RSS every `every` trials."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from search.config import compose_config, validate
-    from search.experiment import build_experiment, prepare_run_dir, run_sweep
+    from hwnas.search.config import compose_config, validate
+    from hwnas.search.experiment import build_experiment, prepare_run_dir, run_sweep
 
     run_dir = WORK / f"memory_{'tracked' if tracking else 'untracked'}_{n}"
     cfg = compose_config(trivial_overrides(table, "local", n, run_dir, tracking))
@@ -286,7 +285,7 @@ def memory_child(n: int, every: int, tracking: bool, table: Path, out: Path) -> 
 def memory_case(n: int, every: int, tracking: bool, table: Path) -> dict[str, Any]:
     out = WORK / f"memory_{'tracked' if tracking else 'untracked'}.json"
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--memory-every", str(every),
+        sys.executable, "-m", "hwnas.scripts.bench_runtime", "--memory-child", str(n), "--memory-every", str(every),
         "--table", str(table), "--out-child", str(out), *(["--tracked"] if tracking else []),
     ]
     with open(WORK / f"memory_{'tracked' if tracking else 'untracked'}.log", "w") as log:

@@ -30,15 +30,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from search.config import CONF_DIR, compose_config, validate  # noqa: E402
-from search.dedup import Outcome  # noqa: E402
-from search.runners.local_runner import optimize  # noqa: E402
-from spaces.candidate import arch_id  # noqa: E402
+from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
+from hwnas.search.dedup import Outcome  # noqa: E402
+from hwnas.search.runners.local_runner import optimize  # noqa: E402
+from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 TARGET_MS = 50.0
 TARGET_SAMPLERS = ("tpe", "nsga2", "evolution", "rl", "random")

@@ -31,20 +31,19 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from evaluators.tabular import TabularEvaluator  # noqa: E402
-from search.config import CONF_DIR, compose_config, validate  # noqa: E402
-from search.dedup import Outcome  # noqa: E402
-from search.objectives import Objectives  # noqa: E402
-from search.pareto import hypervolume, hypervolume_curve, nadir_reference, non_dominated_mask  # noqa: E402
-from search.plots import plot_hypervolume_curve  # noqa: E402
-from search.runners.local_runner import optimize  # noqa: E402
-from spaces.candidate import arch_id  # noqa: E402
+from hwnas.evaluators.tabular import TabularEvaluator  # noqa: E402
+from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
+from hwnas.search.dedup import Outcome  # noqa: E402
+from hwnas.search.objectives import Objectives  # noqa: E402
+from hwnas.search.pareto import hypervolume, hypervolume_curve, nadir_reference, non_dominated_mask  # noqa: E402
+from hwnas.search.plots import plot_hypervolume_curve  # noqa: E402
+from hwnas.search.runners.local_runner import optimize  # noqa: E402
+from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 DIRECTIONS = ("max", "min")  # (accuracy, latency)
 TARGETS = (0.99, 0.998)
@@ -126,7 +125,7 @@ def noise_ceiling(points: np.ndarray, archs: list[str], reference: np.ndarray, t
     its feasible cells' values. That front's hypervolume over the true front's is the most a search
     can expect without re-training one network, under other names, until it gets lucky.
     """
-    from spaces.nb201 import nb201_unique_str
+    from hwnas.spaces.nb201 import nb201_unique_str
 
     groups: dict[str, list[int]] = {}
     for i, arch in enumerate(archs):

@@ -33,11 +33,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from spaces.candidate import arch_id  # noqa: E402
+from hwnas.spaces.candidate import arch_id  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)
 STEP_KEYS = ("data_s", "build_s", "train_s", "prune_s", "finetune_s", "profile_s", "export_s", "compress_s", "accuracy_s", "latency_s", "total_s")
 TARGET_WALL_S = 600.0  # `make search` in at most 10 minutes on 2 cores
 TARGET_OVERHEAD = 0.15
@@ -229,8 +228,8 @@ def compare_int8(run_dir: Path, rows: list[dict[str, Any]], repeats: int, front_
     then an ABBA re-timing. Medians over the front are the headline; `*_all` cover every one compared."""
     from omegaconf import OmegaConf
 
-    from evaluators.latency import measure_latency
-    from search.experiment import build_experiment
+    from hwnas.evaluators.latency import measure_latency
+    from hwnas.search.experiment import build_experiment
 
     built = build_experiment(OmegaConf.load(run_dir / "config.yaml"))
     evaluator = built.sweep.evaluator
@@ -361,7 +360,7 @@ def load_rows(run_dir: Path) -> list[dict[str, Any]]:
     """trials.jsonl rows with `pareto` set from pareto.csv (the log is appended before the front is known)."""
     import pandas as pd
 
-    from search.trial_log import TrialLog
+    from hwnas.search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
     pareto_numbers = set(pd.read_csv(run_dir / "pareto.csv")["number"].tolist())
@@ -386,14 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-int8", action="store_true", help="only time the search")
     parser.add_argument("--reuse-run", type=Path, default=None,
                         help="redo only the int8/fp32 comparison on the run recorded in --out (its run_dir)")
-    parser.add_argument("--hwnas", default=str(ROOT / ".venv/bin/hwnas"))
+    parser.add_argument("--hwnas", default=str(Path(sys.executable).with_name("hwnas")))
     args = parser.parse_args(args_in)
     if args.repeats < 2:
         parser.error(f"--repeats: {args.repeats} is too few; allowed: an integer >= 2")
 
     from omegaconf import OmegaConf
 
-    from search.export import library_versions
+    from hwnas.search.export import library_versions
 
     if args.reuse_run is not None:
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}

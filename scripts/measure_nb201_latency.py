@@ -33,12 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from evaluators.latency import LatencyTarget, measure_latency  # noqa: E402
-from evaluators.onnx_export import export_onnx  # noqa: E402
-from evaluators.profile import count_params_macs  # noqa: E402
-from spaces.nb201 import OPS, NB201Space, from_arch_string, nb201_unique_str  # noqa: E402
+from hwnas.evaluators.latency import LatencyTarget, measure_latency  # noqa: E402
+from hwnas.evaluators.onnx_export import export_onnx  # noqa: E402
+from hwnas.evaluators.profile import count_params_macs  # noqa: E402
+from hwnas.spaces.nb201 import OPS, NB201Space, from_arch_string, nb201_unique_str  # noqa: E402
 
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from search.config import GROUPS, ConfigError, compose_config, group_choices, validate
+from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, compose_config, group_choices, validate
 
 if TYPE_CHECKING:
-    from search.tracking import Tracking
+    from hwnas.search.tracking import Tracking
 
 USAGE = """usage: hwnas [override ...]     e.g. hwnas search=nsga2 n_trials=40 runner.max_concurrent=2 objective.latency_budget_ms=1.0
        hwnas --cfg [override ...]   print the composed config and exit
@@ -40,11 +40,11 @@ def _warm_up(cfg: DictConfig) -> threading.Thread:
     (Ray Tune's side, MLflow) and let a new SQLite store create its schema."""
 
     def warm() -> None:
-        import search.runners.ray_search  # noqa: F401  (Ray Tune: ~2 s of imports)
+        import hwnas.search.runners.ray_search  # noqa: F401  (Ray Tune: ~2 s of imports)
 
         if not cfg.tracking.enabled:
             return
-        from search.tracking import MlflowStore
+        from hwnas.search.tracking import MlflowStore
 
         if not str(cfg.tracking.uri).startswith("sqlite:"):
             return  # a server is not contacted before Ray has started
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if show_cfg:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
-        from search.experiment import build_experiment, prepare_run_dir
+        from hwnas.search.experiment import build_experiment, prepare_run_dir
 
         prepare_run_dir(cfg)
         built = build_experiment(cfg)
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warm.join()
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
-    from search.experiment import run_sweep
+    from hwnas.search.experiment import run_sweep
 
     return run_sweep(built)
 
@@ -151,17 +151,17 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                 choice = a.split("=", 1)[1]
                 if choice not in group_choices("select"):
                     raise ConfigError(f"select={choice}: unknown choice; allowed: {', '.join(group_choices('select'))}")
-                cfg.select = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "select" / f"{choice}.yaml")
+                cfg.select = OmegaConf.load(CONF_DIR / "select" / f"{choice}.yaml")
         cfg.run_dir = str(run_dir)
         cfg.resume = False
         validate(cfg)
-        from search.experiment import build_experiment
+        from hwnas.search.experiment import build_experiment
 
         built = build_experiment(cfg)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
-    from search.export import finalize
-    from search.trial_log import TrialLog
+    from hwnas.search.export import finalize
+    from hwnas.search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
     if not rows:
@@ -175,8 +175,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def _saved_tracking(cfg: DictConfig, run_dir: Path) -> Tracking | None:
     """The finished sweep's MLflow parent run, or None when the sweep was not tracked."""
-    from search.sweep_state import STATE_FILE, SweepState
-    from search.tracking import MlflowStore, Tracking
+    from hwnas.search.sweep_state import STATE_FILE, SweepState
+    from hwnas.search.tracking import MlflowStore, Tracking
 
     if not cfg.tracking.enabled or not (run_dir / STATE_FILE).is_file():
         return None

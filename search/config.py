@@ -7,6 +7,7 @@ names the key, the bad value and what is allowed; the CLI prints it and exits wi
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
+CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
 GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
 TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", *GROUPS}
 MODES = ("max", "min")
@@ -98,7 +100,7 @@ def validate(cfg: DictConfig) -> None:
     _type(cfg.tracking, "enabled", bool, "tracking")
     _type(cfg.tracking, "uri", str, "tracking")
     _check_keys(cfg.select, "select", {"rule"})
-    from search.selection import RULES
+    from hwnas.search.selection import RULES
 
     _choice(cfg.select, "rule", RULES, "select")
     for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import optuna
 
-from search.constraints import set_constraints
-from spaces.candidate import arch_id
+from hwnas.search.constraints import set_constraints
+from hwnas.spaces.candidate import arch_id
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,18 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from search.config import ConfigError
-from search.export import finalize, prepare_export, write_tables
-from search.objectives import Objectives
-from search.progress import Progress
-from search.recorder import Recorder
-from search.runners.sweep import Sweep
-from search.study_record import reconcile_study
-from search.sweep_state import STATE_FILE, SweepState
-from search.trial_log import COMPLETE, TrialLog
+from hwnas.search.config import ConfigError
+from hwnas.search.export import finalize, prepare_export, write_tables
+from hwnas.search.objectives import Objectives
+from hwnas.search.progress import Progress
+from hwnas.search.recorder import Recorder
+from hwnas.search.runners.sweep import Sweep
+from hwnas.search.study_record import reconcile_study
+from hwnas.search.sweep_state import STATE_FILE, SweepState
+from hwnas.search.trial_log import COMPLETE, TrialLog
 
 if TYPE_CHECKING:
-    from search.tracking import Tracking
+    from hwnas.search.tracking import Tracking
 
 CONFIG_FILE = "config.yaml"
 
@@ -143,7 +143,7 @@ def open_tracking(cfg: DictConfig, run_dir: Path, state: SweepState | None) -> t
     study_name = state.study_name if state else cfg.experiment_name
     if not cfg.tracking.enabled:
         return None, state or SweepState(study_name=study_name, parent_run_id=None)
-    from search.tracking import MlflowStore, Tracking  # imported while Ray starts (cli), not on import
+    from hwnas.search.tracking import MlflowStore, Tracking  # imported while Ray starts (cli), not on import
 
     store = MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model)
     try:

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from search.objectives import Objectives
-from search.pareto import non_dominated_mask
-from search.recorder import file_sha256
-from search.selection import select
-from search.trial_log import COMPLETE, trials_frame
+from hwnas.search.objectives import Objectives
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.recorder import file_sha256
+from hwnas.search.selection import select
+from hwnas.search.trial_log import COMPLETE, trials_frame
 
 if TYPE_CHECKING:
-    from search.tracking import Tracking
+    from hwnas.search.tracking import Tracking
 
 EXPORT_DIR = "export"
 LIBRARIES = ("torch", "pytorch-lightning", "onnx", "onnxruntime", "optuna", "ray", "mlflow", "hydra-core", "torch-pruning")
@@ -68,7 +68,7 @@ def _plot(run_dir: Path, objectives: Objectives, rows: list[dict[str, Any]], cho
     points = objectives.matrix([r["metrics"] for r in complete])
     x_name, y_name = objectives.names[1], objectives.names[0]
     budget = objectives.bounds.get(x_name, (None, None))[1]
-    from search.plots import plot_pareto  # matplotlib: only once the sweep has ended
+    from hwnas.search.plots import plot_pareto  # matplotlib: only once the sweep has ended
 
     return plot_pareto(
         run_dir / "pareto.png",
@@ -152,7 +152,7 @@ def prepare_export(evaluator: Any) -> None:
     the evaluator's data. The driver runs this in the background once no further trial will start
     (a trial slot is idle from then on), so its seconds are neither taken from running trials nor
     added after the last one."""
-    import search.plots  # noqa: F401  (matplotlib)
+    import hwnas.search.plots  # noqa: F401  (matplotlib)
 
     warm_up = getattr(evaluator, "warm_up", None)
     if warm_up is not None:

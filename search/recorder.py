@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from search.objectives import Objectives
-from search.pareto import non_dominated_mask
-from search.progress import Progress
-from search.trial_log import COMPLETE, FAILED, TrialLog
-from spaces.candidate import arch_id, net_id
+from hwnas.search.objectives import Objectives
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.progress import Progress
+from hwnas.search.trial_log import COMPLETE, FAILED, TrialLog
+from hwnas.spaces.candidate import arch_id, net_id
 
 if TYPE_CHECKING:  # MLflow is imported by the driver while Ray starts (cli), not on import
-    from search.tracking import Tracking
+    from hwnas.search.tracking import Tracking
 
 
 def file_sha256(path: str | Path) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from search.pareto import knee_index, non_dominated_mask, to_minimization
+from hwnas.search.pareto import knee_index, non_dominated_mask, to_minimization
 
 RULES = ("best_within_budget", "knee")
 

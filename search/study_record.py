@@ -13,9 +13,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from search.constraints import set_constraints
-from search.objectives import Objectives
-from search.trial_log import COMPLETE
+from hwnas.search.constraints import set_constraints
+from hwnas.search.objectives import Objectives
+from hwnas.search.trial_log import COMPLETE
 
 DUPLICATE = "hwnas:duplicate_of"
 INTERRUPTED = "hwnas:interrupted"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from spaces.candidate import COMPRESSION_KEYS, FORMATS, arch_id
+from hwnas.spaces.candidate import COMPRESSION_KEYS, FORMATS, arch_id
 
 if TYPE_CHECKING:
     from torch import nn
@@ -203,7 +203,7 @@ class MacroCNNSpace:
         # torch only here: sampling and validating candidates (the driver's work) never needs it.
         from torch import nn
 
-        from spaces.blocks import ConvBNReLU, make_block
+        from hwnas.spaces.blocks import ConvBNReLU, make_block
 
         layers: list[nn.Module] = [ConvBNReLU(channels, self.stem_width, 3, stride=self.stem_stride)]
         in_ch = self.stem_width

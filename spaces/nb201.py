@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from spaces.candidate import COMPRESSION_KEYS
-from spaces.macro_cnn import (
+from hwnas.spaces.candidate import COMPRESSION_KEYS
+from hwnas.spaces.macro_cnn import (
     check_params,
     choice_list,
     positive_int,
@@ -167,6 +167,6 @@ class NB201Space:
                 f"candidate {to_arch_string(cell)} does not fit input {height}x{width}: two reductions "
                 "halve it; allowed: height and width divisible by 4"
             )
-        from spaces.nb201_network import build_nb201_network  # torch: only when a network is built
+        from hwnas.spaces.nb201_network import build_nb201_network  # torch: only when a network is built
 
         return build_nb201_network(cell, channels, self.C, self.N, num_classes)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from spaces.nb201 import EDGE_KEYS, N_NODES, OPS
+from hwnas.spaces.nb201 import EDGE_KEYS, N_NODES, OPS
 
 
 class Zero(nn.Module):

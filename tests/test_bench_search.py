@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from script_module import load_script
 
-from search.pareto import non_dominated_mask
-from spaces.nb201 import EDGE_KEYS, to_arch_string
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.spaces.nb201 import EDGE_KEYS, to_arch_string
 
 OPS = ["nor_conv_1x1", "avg_pool_3x3"]  # 64 cells
 BUDGETS = [8, 32, 64]

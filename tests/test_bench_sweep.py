@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from script_module import load_script
 
-from spaces.candidate import arch_id, net_id
+from hwnas.spaces.candidate import arch_id, net_id
 
 bench = load_script("bench_sweep")
 

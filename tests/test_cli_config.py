@@ -31,7 +31,7 @@ BAD = [
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *args],
         cwd=cwd, capture_output=True, text=True, timeout=120,
     )
 
@@ -76,8 +76,8 @@ def test_validating_and_building_the_default_experiment_imports_none_of_the_heav
     # while Ray starts. Each of these costs seconds of start-up on two cores. A fresh interpreter.
     code = (
         "import sys\n"
-        "from search.config import compose_config, validate\n"
-        "from search.experiment import build_experiment\n"
+        "from hwnas.search.config import compose_config, validate\n"
+        "from hwnas.search.experiment import build_experiment\n"
         "cfg = compose_config(['run_dir=unused']); validate(cfg); build_experiment(cfg)\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )

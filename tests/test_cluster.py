@@ -43,7 +43,7 @@ def cluster_env() -> dict[str, str]:
 
 def hwnas(*overrides: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *overrides],
+        [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=cluster_env(),
     )
 

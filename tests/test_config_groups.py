@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from search.config import GROUPS, ConfigError, compose_config, group_choices, validate
-from search.experiment import build_experiment
+from hwnas.search.config import GROUPS, ConfigError, compose_config, group_choices, validate
+from hwnas.search.experiment import build_experiment
 
 # Choices that need something this machine or this test does not have; each must fail cleanly.
 NEEDS = {

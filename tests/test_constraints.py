@@ -9,11 +9,11 @@ import numpy as np
 import optuna
 import pytest
 
-from search.constraints import violation
-from search.dedup import Outcome
-from search.objectives import MISSING_VIOLATION, Objectives
-from search.runners.local_runner import optimize
-from search.samplers import RegularizedEvolutionSampler, RLControllerSampler
+from hwnas.search.constraints import violation
+from hwnas.search.dedup import Outcome
+from hwnas.search.objectives import MISSING_VIOLATION, Objectives
+from hwnas.search.runners.local_runner import optimize
+from hwnas.search.samplers import RegularizedEvolutionSampler, RLControllerSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 BUDGET = Objectives(("acc", "lat"), ("max", "min"), {"lat": ("upper", 2.0), "acc": ("lower", 0.5)})
@@ -97,7 +97,7 @@ def test_rl_learns_to_stay_within_budget(budgeted: bool, favourite: int) -> None
 
 
 def test_resume_tells_a_recorded_trial_its_constraints_too() -> None:
-    from search.study_record import reconcile_study
+    from hwnas.search.study_record import reconcile_study
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     done, lost = study.ask(), study.ask()  # both RUNNING when the driver died

@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from evaluators.data import DigitsData, SyntheticData
+from hwnas.evaluators.data import DigitsData, SyntheticData
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
@@ -73,7 +73,7 @@ def test_three_channels_replicate_one():
 
 
 def test_lightning_datamodule_yields_batches_of_the_right_shape():
-    from evaluators.train import SplitsDataModule
+    from hwnas.evaluators.train import SplitsDataModule
 
     data = synthetic(channels=3, resolution=12)
     dm = SplitsDataModule(data)

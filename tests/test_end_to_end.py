@@ -18,15 +18,15 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from evaluators.onnx_accuracy import onnx_accuracy
-from search.pareto import non_dominated_mask
+from hwnas.evaluators.onnx_accuracy import onnx_accuracy
+from hwnas.search.pareto import non_dominated_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def hwnas(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from search.cli import run; run()", *args],
+        [sys.executable, "-c", "from hwnas.search.cli import run; run()", *args],
         cwd=cwd, capture_output=True, text=True, timeout=900,
     )
 
@@ -114,7 +114,7 @@ def test_reexport_with_a_budget_without_retraining(sweep: tuple[Path, str, subpr
     complete = trials[trials["status"] == "COMPLETE"]
     budget = float(np.median(complete["latency_ms"]))
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from search.cli import export_main; sys.exit(export_main())",
+        [sys.executable, "-c", "import sys; from hwnas.search.cli import export_main; sys.exit(export_main())",
          f"run_dir={run_dir}", f"objective.latency_budget_ms={budget}", f"tracking.uri={uri}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from evaluators.latency import LatencyTarget, measure_latency
-from evaluators.onnx_export import export_onnx
+from hwnas.evaluators.latency import LatencyTarget, measure_latency
+from hwnas.evaluators.onnx_export import export_onnx
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 SHAPE = (1, 16, 16)

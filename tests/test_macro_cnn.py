@@ -11,9 +11,9 @@ import torch
 import torch_pruning as tp
 from omegaconf import OmegaConf
 
-from spaces.base import SearchSpace
-from spaces.candidate import arch_id
-from spaces.macro_cnn import MacroCNNSpace
+from hwnas.spaces.base import SearchSpace
+from hwnas.spaces.candidate import arch_id
+from hwnas.spaces.macro_cnn import MacroCNNSpace
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "space" / "macro_cnn.yaml"
 KWARGS = dict(

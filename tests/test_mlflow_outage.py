@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.tracking import PENDING_FILE
+from hwnas.search.tracking import PENDING_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_outage_loses_and_duplicates_nothing(server: Server, tmp_path: Path, bac
     run_dir = tmp_path / "run"
     log = open(tmp_path / "hwnas.log", "w")
     sweep = subprocess.Popen(
-        [sys.executable, "-c", "from search.cli import run; run()",
+        [sys.executable, "-c", "from hwnas.search.cli import run; run()",
          *SWEEP, f"run_dir={run_dir}", f"tracking.uri={server.uri}"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -123,7 +123,7 @@ def test_outage_loses_and_duplicates_nothing(server: Server, tmp_path: Path, bac
         assert pending.is_file() and "hwnas-sync" in output  # the sweep ended well and said what to do
         server.start()
         sync = subprocess.run(
-            [sys.executable, "-c", "import sys; from search.cli import sync_main; sys.exit(sync_main())", f"run_dir={run_dir}"],
+            [sys.executable, "-c", "import sys; from hwnas.search.cli import sync_main; sys.exit(sync_main())", f"run_dir={run_dir}"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )
         assert sync.returncode == 0, sync.stdout + sync.stderr

@@ -14,8 +14,8 @@ import torch
 import torch_pruning as tp
 from omegaconf import OmegaConf
 
-from spaces.base import SearchSpace
-from spaces.nb201 import (
+from hwnas.spaces.base import SearchSpace
+from hwnas.spaces.nb201 import (
     EDGE_KEYS,
     OPS,
     NB201Space,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from search.pareto import (
+from hwnas.search.pareto import (
     UNRANKED,
     hypervolume,
     hypervolume_contributions,

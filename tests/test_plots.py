@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.pareto import non_dominated_mask
-from search.plots import plot_hypervolume_curve, plot_pareto
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.plots import plot_hypervolume_curve, plot_pareto
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

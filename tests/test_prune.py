@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from evaluators.profile import count_params_macs
-from evaluators.prune import prune
+from hwnas.evaluators.profile import count_params_macs
+from hwnas.evaluators.prune import prune
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1) -> list[nn.Module]:

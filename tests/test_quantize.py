@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from evaluators.data import DigitsData
-from evaluators.onnx_accuracy import onnx_accuracy
-from evaluators.onnx_export import export_onnx
-from evaluators.quantize import FORMATS, compress_onnx
-from evaluators.train import fit
+from hwnas.evaluators.data import DigitsData
+from hwnas.evaluators.onnx_accuracy import onnx_accuracy
+from hwnas.evaluators.onnx_export import export_onnx
+from hwnas.evaluators.quantize import FORMATS, compress_onnx
+from hwnas.evaluators.train import fit
 
 
 def digits_cnn() -> nn.Module:

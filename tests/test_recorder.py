@@ -6,9 +6,9 @@ import io
 import threading
 from pathlib import Path
 
-from search.objectives import Objectives
-from search.progress import Progress
-from search.recorder import Recorder
+from hwnas.search.objectives import Objectives
+from hwnas.search.progress import Progress
+from hwnas.search.recorder import Recorder
 
 OBJECTIVES = Objectives(names=("acc", "lat"), modes=("max", "min"))
 

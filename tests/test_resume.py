@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.study_record import INTERRUPTED, evaluated_trials
-from search.sweep_state import SweepState, journal_storage
+from hwnas.search.study_record import INTERRUPTED, evaluated_trials
+from hwnas.search.sweep_state import SweepState, journal_storage
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())"]
 
 
 def _lines(path: Path) -> list[dict]:

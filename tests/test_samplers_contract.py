@@ -18,8 +18,8 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from search.samplers import RegularizedEvolutionSampler, RLControllerSampler
-from spaces.candidate import canonical
+from hwnas.search.samplers import RegularizedEvolutionSampler, RLControllerSampler
+from hwnas.spaces.candidate import canonical
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "search"
 SAMPLERS = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -289,7 +289,7 @@ def test_evolution_rejects_bad_arguments(kwargs: dict[str, Any], needle: str) ->
 def test_rl_grids_respect_step_log_and_bin_caps() -> None:
     from optuna.distributions import FloatDistribution, IntDistribution
 
-    from search.samplers._discretize import grid
+    from hwnas.search.samplers._discretize import grid
 
     assert grid(IntDistribution(8, 64, step=8), n_bins=4, max_int_bins=32) == [8, 16, 24, 32, 40, 48, 56, 64]
     wide = grid(IntDistribution(1, 10_000, log=True), n_bins=4, max_int_bins=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.selection import RULES, select, within_budgets
+from hwnas.search.selection import RULES, select, within_budgets
 
 NAN = np.nan
 # val_accuracy (max), latency_ms (min)

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluators.tabular import TabularEvaluator
-from search.pareto import non_dominated_mask
-from spaces.nb201 import EDGE_KEYS, NB201Space, from_arch_string, to_arch_string
+from hwnas.evaluators.tabular import TabularEvaluator
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.spaces.nb201 import EDGE_KEYS, NB201Space, from_arch_string, to_arch_string
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ["nor_conv_3x3", "skip_connect"]  # 2 ops on 6 edges: 64 cells
@@ -102,7 +102,7 @@ def test_objective_not_in_table_is_rejected(tmp_path: Path) -> None:
 
 def hwnas(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from search.tracking import MlflowStore, Tracking
+from hwnas.search.tracking import MlflowStore, Tracking
 
 METRICS = {"val_accuracy": 0.91, "latency_ms": 0.42}
 

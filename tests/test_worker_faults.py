@@ -27,7 +27,7 @@ SLOW_TRIALS = ("experiment=smoke", "evaluator.epochs=150", "evaluator.finetune_e
 
 
 def hwnas_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())", *overrides]
+    return [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *overrides]
 
 
 def hwnas(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

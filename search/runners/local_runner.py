@@ -8,12 +8,12 @@ from typing import Any
 
 import optuna
 
-from search.dedup import EvaluationRecord, Outcome, remember_study, tell
-from search.recorder import Recorder
-from search.runners.limits import check_timeout, deadline_after, error_text
-from search.runners.sweep import Sweep
-from search.study_record import DUPLICATE
-from spaces.candidate import arch_id
+from hwnas.search.dedup import EvaluationRecord, Outcome, remember_study, tell
+from hwnas.search.recorder import Recorder
+from hwnas.search.runners.limits import check_timeout, deadline_after, error_text
+from hwnas.search.runners.sweep import Sweep
+from hwnas.search.study_record import DUPLICATE
+from hwnas.spaces.candidate import arch_id
 
 # Consecutive duplicate proposals after which the space counts as exhausted (then duplicates run).
 MAX_DUPLICATE_STREAK = 200

@@ -18,9 +18,9 @@ from typing import Any
 import optuna
 import ray
 
-from search.recorder import Recorder
-from search.runners.limits import check_timeout
-from search.runners.sweep import Sweep
+from hwnas.search.recorder import Recorder
+from hwnas.search.runners.limits import check_timeout
+from hwnas.search.runners.sweep import Sweep
 
 
 class RayRunner:
@@ -95,8 +95,8 @@ class RayRunner:
     def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
         from ray import tune
 
-        from search.runners.ray_search import DedupOptunaSearch, StartCallback
-        from search.runners.ray_trial import run_trial
+        from hwnas.search.runners.ray_search import DedupOptunaSearch, StartCallback
+        from hwnas.search.runners.ray_trial import run_trial
 
         self.start()
         root = Path(self.storage).resolve() / sweep.run_dir.resolve().name if self.storage else sweep.run_dir.resolve()

@@ -13,15 +13,15 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from search.constraints import set_constraints
-from search.dedup import EvaluationRecord, Outcome, remember_study, tell
-from search.objectives import Objectives
-from search.recorder import Recorder
-from search.runners.local_runner import MAX_DUPLICATE_STREAK
-from search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of
-from search.study_record import DUPLICATE
-from spaces.base import SearchSpace
-from spaces.candidate import arch_id
+from hwnas.search.constraints import set_constraints
+from hwnas.search.dedup import EvaluationRecord, Outcome, remember_study, tell
+from hwnas.search.objectives import Objectives
+from hwnas.search.recorder import Recorder
+from hwnas.search.runners.local_runner import MAX_DUPLICATE_STREAK
+from hwnas.search.runners.ray_trial import ERROR_KEY, NUMBER_KEY, candidate_of
+from hwnas.search.study_record import DUPLICATE
+from hwnas.spaces.base import SearchSpace
+from hwnas.spaces.candidate import arch_id
 
 # Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
 _RAY_KEYS = {

@@ -16,8 +16,8 @@ from typing import Any
 import ray
 from ray import tune
 
-from evaluators.base import Evaluator
-from search.runners.limits import deadline_after, error_text
+from hwnas.evaluators.base import Evaluator
+from hwnas.search.runners.limits import deadline_after, error_text
 
 NUMBER_KEY = "hwnas.trial"  # the Optuna trial number, passed to the trainable with the candidate
 ERROR_KEY = "hwnas_error"

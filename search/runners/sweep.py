@@ -8,11 +8,11 @@ from typing import Any, Protocol
 
 import optuna
 
-from evaluators.base import Evaluator
-from search.objectives import Objectives
-from search.recorder import Recorder
-from search.sweep_state import journal_storage
-from spaces.base import SearchSpace
+from hwnas.evaluators.base import Evaluator
+from hwnas.search.objectives import Objectives
+from hwnas.search.recorder import Recorder
+from hwnas.search.sweep_state import journal_storage
+from hwnas.spaces.base import SearchSpace
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from search.samplers.regularized_evolution import RegularizedEvolutionSampler
-from search.samplers.rl_controller import RLControllerSampler
+from hwnas.search.samplers.regularized_evolution import RegularizedEvolutionSampler
+from hwnas.search.samplers.rl_controller import RLControllerSampler
 
 __all__ = ["RLControllerSampler", "RegularizedEvolutionSampler"]

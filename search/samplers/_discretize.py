@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.study import Study
 from optuna.trial import TrialState
 
-from spaces.candidate import canonical
+from hwnas.spaces.candidate import canonical
 
 # Trials whose parameters can no longer change: indexed once, never re-read.
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -23,9 +23,9 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.constraints import violation
-from search.pareto import non_dominated_ranks
-from search.samplers._discretize import TrialIndex, sample_other, sample_uniform
+from hwnas.search.constraints import violation
+from hwnas.search.pareto import non_dominated_ranks
+from hwnas.search.samplers._discretize import TrialIndex, sample_other, sample_uniform
 
 
 def _crowding_distance(front: np.ndarray) -> np.ndarray:

@@ -25,9 +25,9 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search.constraints import violation
-from search.pareto import hypervolume, non_dominated_mask
-from search.samplers._discretize import TrialIndex, grid, nearest_index, sample_other
+from hwnas.search.constraints import violation
+from hwnas.search.pareto import hypervolume, non_dominated_mask
+from hwnas.search.samplers._discretize import TrialIndex, grid, nearest_index, sample_other
 
 REWARDS = ("mnas", "hypervolume")
 # Reference point of the normalised hypervolume: 10% beyond the worst value seen on each objective,

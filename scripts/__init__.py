@@ -1,0 +1,1 @@
+"""Benchmark and measurement scripts: run as `python -m hwnas.scripts.NAME` from the repository root."""
