@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, compose_config, group_choices, validate
+from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
+from hwnas.search.launch import compose, driver_threads, prepare, quiet_warnings
 
 if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
@@ -33,48 +33,6 @@ top-level keys: experiment_name, n_trials, seed, run_dir, resume; any key of a g
 def _usage() -> str:
     groups = "\n".join(f"  {g:<10} {', '.join(group_choices(g))}" for g in (*GROUPS, "experiment"))
     return USAGE.format(groups=groups)
-
-
-def _warm_up(cfg: DictConfig) -> threading.Thread:
-    """While Ray starts (seconds of waiting on its processes): import what the sweep needs next
-    (Ray Tune's side, MLflow) and let a new SQLite store create its schema."""
-
-    def warm() -> None:
-        import hwnas.search.runners.ray_search  # noqa: F401  (Ray Tune: ~2 s of imports)
-
-        if not cfg.tracking.enabled:
-            return
-        from hwnas.search.tracking import MlflowStore
-
-        if not str(cfg.tracking.uri).startswith("sqlite:"):
-            return  # a server is not contacted before Ray has started
-        try:
-            MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model).client.search_experiments(max_results=1)
-        except Exception:
-            pass  # the sweep's own first call reports any real problem
-
-    thread = threading.Thread(target=warm, name="hwnas-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-def _driver_threads() -> None:
-    # The cores belong to the trials; the driver's own torch work (GP sampler fits, export checks)
-    # runs single-threaded, which also makes GP 10x faster than fighting running trials for cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def _quiet_warnings() -> None:
-    # Library deprecation notices are for us, not for the researcher reading the sweep's output.
-    import warnings
-
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*experimental feature.*")
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _load_config(path: Path) -> DictConfig:
@@ -92,32 +50,19 @@ def _fail(prog: str, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    _driver_threads()
+    driver_threads()
     if any(a in ("-h", "--help") for a in args):
         print(_usage())
         return 0
     show_cfg = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
-    _quiet_warnings()
+    quiet_warnings()
     try:
-        cfg = compose_config(args)
-        validate(cfg)
+        cfg = compose(args)
         if show_cfg:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
-        from hwnas.search.experiment import build_experiment, prepare_run_dir
-
-        prepare_run_dir(cfg)
-        built = build_experiment(cfg)
-        start = getattr(built.runner, "start", None)
-        if start is not None:
-            warm = _warm_up(cfg)
-            try:
-                start()  # join or start Ray and check the cluster before anything is written
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            finally:
-                warm.join()
+        built = prepare(cfg)
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
     from hwnas.search.experiment import run_sweep
@@ -128,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def export_main(argv: Sequence[str] | None = None) -> int:
     """Re-select and re-export from a finished run without retraining: `hwnas-export run_dir=... [objective.*|select.*]`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _quiet_warnings()
+    quiet_warnings()
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     rest = [a for a in args if not a.startswith("run_dir=")]
     if len(run_dirs) != 1:
@@ -190,7 +135,7 @@ def _saved_tracking(cfg: DictConfig, run_dir: Path) -> Tracking | None:
 def sync_main(argv: Sequence[str] | None = None) -> int:
     """Upload what a sweep could not log while MLflow was away: `hwnas-sync run_dir=PATH [tracking.uri=...]`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _quiet_warnings()
+    quiet_warnings()
     values = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(values) - {"run_dir", "tracking.uri"}) + [a for a in args if "=" not in a]
     if unknown or "run_dir" not in values:
