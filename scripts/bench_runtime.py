@@ -1,6 +1,6 @@
 """What does the platform cost per trial, does a second trial slot double throughput, does the driver leak?
 
-    .venv/bin/python scripts/bench_runtime.py [--out results/bench/runtime.json] [--ray-trials 200] \
+    .venv/bin/python -m hwnas.scripts.bench_runtime [--out results/bench/runtime.json] [--ray-trials 200] \
         [--local-trials 2000] [--tracked-trials 200] [--scaling-trials 8] [--memory-trials 1000] \
         [--skip-overhead] [--skip-scaling] [--skip-memory]
 

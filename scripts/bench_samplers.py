@@ -1,10 +1,10 @@
 """What does each sampler cost the driver per trial (ask + suggest + tell) as a study grows to 1,000 trials?
 
-    .venv/bin/python scripts/bench_samplers.py [--trials 1000] [--window 100] [--samplers tpe nsga2 ...] \
+    .venv/bin/python -m hwnas.scripts.bench_samplers [--trials 1000] [--window 100] [--samplers tpe nsga2 ...] \
         [--gp-trials 300] [--spaces nb201 macro_cnn] [--out results/bench/samplers.json]
 
 Each sampler (built from conf/search/<name>.yaml exactly as `hwnas search=<name>` builds it) runs
-one study per space through the runner's own ask/tell loop (`search.runners.local_runner.optimize`,
+one study per space through the runner's own ask/tell loop (`search.runners.local_runner.run_in_process`,
 duplicate proposals answered from the record as in a sweep). The objectives cost nothing: two numbers
 derived from the candidate's arch_id, so only the sampler's work is timed. Reported per sampler and
 space: the median and 90th percentile of the per-trial time over the last `--window` trials before
@@ -35,8 +35,10 @@ import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
-from hwnas.search.dedup import Outcome  # noqa: E402
-from hwnas.search.runners.local_runner import optimize  # noqa: E402
+from hwnas.evaluators.base import Evaluation  # noqa: E402
+from hwnas.search.broker import Broker  # noqa: E402
+from hwnas.search.objectives import Objectives  # noqa: E402
+from hwnas.search.runners.local_runner import run_in_process  # noqa: E402
 from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 TARGET_MS = 50.0
@@ -83,26 +85,24 @@ def time_study(sampler_name: str, space_name: str, n_trials: int, seed: int, win
         warnings.simplefilter("ignore")
         sampler = instantiate(cfg.search)
     space = instantiate(cfg.space)
-    study = optuna.create_study(sampler=sampler, directions=["maximize", "minimize"])
+    objectives = Objectives(names=("accuracy", "latency"), modes=("max", "min"))
+    study = optuna.create_study(sampler=sampler, directions=objectives.optuna_directions)
+    broker = Broker(study, space, objectives, n_trials)
     stamps: list[float] = []
-    duplicates = [0]
 
-    def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
+    def evaluate(number: int, candidate: dict[str, Any]) -> Evaluation:
         stamps.append(time.perf_counter())  # one stamp per evaluation: the sampler's work since the last
-        return Outcome.of(free_objectives(candidate))
-
-    def on_duplicate() -> None:
-        duplicates[0] += 1
+        return Evaluation(dict(zip(objectives.names, free_objectives(candidate), strict=True)))
 
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimize(study, space.suggest, evaluate, n_trials, on_duplicate=on_duplicate)
+        run_in_process(broker, evaluate)
     # Time between consecutive evaluations = tell of the last + asks (duplicates included) + suggest.
     seconds = np.diff(np.r_[start, np.array(stamps)])
     return {
         "trials": len(stamps),
-        "duplicates": duplicates[0],
+        "duplicates": broker.duplicates,
         "total_s": float(time.perf_counter() - start),
         "per_trial": {str(c): window_stats(seconds, c, window) for c in (*CHECKPOINTS, len(stamps)) if c <= len(stamps)},
     }

@@ -1,13 +1,13 @@
 """How fast does each search strategy find the accuracy-latency front? Measured on a lookup table.
 
-    .venv/bin/python scripts/bench_search.py --table results/nb201/nb201_latency.csv \
+    .venv/bin/python -m hwnas.scripts.bench_search --table results/nb201/nb201_latency.csv \
         --accuracy cifar10-val --latency latency_ms [--samplers tpe nsga2 evolution rl random gp] \
         [--budgets 25 50 100 200 400] [--seeds 10] [--latency-budget MS] [--out results/bench/search.json]
 
 The true front is that of every cell of the space (conf/space/nb201.yaml, `--override` to change
 it) found in the table; its hypervolume is taken against the nadir of the true front moved out by
 1% of each objective's range on the front. Every (sampler, seed) runs ONE study of the largest
-budget through the same ask/tell loop as `runner=local` (`search.runners.local_runner.optimize`,
+budget through the same ask/tell loop as `runner=local` (`search.runners.local_runner.run_in_process`,
 duplicates answered from the record, not counted), samplers built from conf/search/<name>.yaml
 with the seed. At each budget we report the hypervolume of the feasible front found in the first
 `budget` evaluations divided by the true front's, and, with a latency budget, the regret of the
@@ -38,11 +38,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from hwnas.evaluators.tabular import TabularEvaluator  # noqa: E402
 from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
-from hwnas.search.dedup import Outcome  # noqa: E402
+from hwnas.evaluators.base import Evaluation  # noqa: E402
+from hwnas.search.broker import Broker  # noqa: E402
 from hwnas.search.objectives import Objectives  # noqa: E402
 from hwnas.search.pareto import hypervolume, hypervolume_curve, nadir_reference, non_dominated_mask  # noqa: E402
 from hwnas.search.plots import plot_hypervolume_curve  # noqa: E402
-from hwnas.search.runners.local_runner import optimize  # noqa: E402
+from hwnas.search.runners.local_runner import run_in_process  # noqa: E402
 from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 DIRECTIONS = ("max", "min")  # (accuracy, latency)
@@ -161,34 +162,28 @@ def run_study(
 ) -> dict[str, Any]:
     """One study of `n_evaluations` distinct candidates; returns their points in order and counts."""
     points: list[list[float]] = []
-    duplicates = [0]
     distinct: set[str] = set()
 
-    def on_start(number: int, candidate: dict[str, Any]) -> None:
+    def evaluate(number: int, candidate: dict[str, Any]) -> Evaluation:
         points.append([np.nan, np.nan])  # stays NaN if the look-up fails (a cell missing from the table)
         # Fewer distinct than evaluations: the sampler kept repeating itself until the runner gave in.
         distinct.add(arch_id(candidate))
-
-    def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
-        metrics = evaluator.evaluate(candidate, Path(".")).metrics
-        points[-1] = point(metrics, objectives)
-        # As in a sweep: a latency budget is told to the sampler as a constraint.
-        return Outcome.of(objectives.values(metrics), objectives.constraints(metrics))
-
-    def on_duplicate() -> None:
-        duplicates[0] += 1
+        result = evaluator.evaluate(candidate, Path("."))
+        points[-1] = point(result.metrics, objectives)
+        return result  # as in a sweep: a latency budget is told to the sampler as a constraint
 
     study = optuna.create_study(sampler=sampler, directions=objectives.optuna_directions)
+    broker = Broker(study, space, objectives, n_evaluations)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        done = optimize(study, space.suggest, evaluate, n_evaluations, on_start=on_start, on_duplicate=on_duplicate)
+        done = run_in_process(broker, evaluate)
     seconds = time.perf_counter() - start
     failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False))
     return {
         "points": np.array(points, dtype=float).reshape(-1, 2),
         "evaluations": done,
-        "duplicates": duplicates[0],
+        "duplicates": broker.duplicates,
         "distinct": len(distinct),
         "missing": failed,
         "seconds": seconds,
@@ -388,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "table": str(args.table), "key": args.key, "accuracy": args.accuracy, "latency": args.latency,
             "directions": list(DIRECTIONS), "latency_budget_ms": args.latency_budget, "budgets": args.budgets,
             "samplers": plan, "overrides": list(args.override), "sampler_configs": sampler_configs,
-            "targets": list(TARGETS), "default_sampler": default, "runner": "search.runners.local_runner.optimize",
+            "targets": list(TARGETS), "default_sampler": default, "runner": "search.runners.local_runner.run_in_process",
         },
         "table": {
             "space_cells": len(table_points) + missing_cells, "cells_in_table": len(table_points),

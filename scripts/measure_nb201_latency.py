@@ -1,6 +1,6 @@
 """Measure ONNX Runtime latency of every distinct NAS-Bench-201 network and add it to the accuracy table.
 
-    .venv/bin/python scripts/measure_nb201_latency.py ../shared/benchmarks/nb201_accuracy.csv \
+    .venv/bin/python -m hwnas.scripts.measure_nb201_latency ../shared/benchmarks/nb201_accuracy.csv \
         [--out results/nb201/nb201_latency.csv] [--limit N] [--resume] [--write-partial]
 
 Cells are grouped by NAS-Bench-201's own isomorphism rule (`nb201_unique_str`: 6,466 distinct
