@@ -105,14 +105,17 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         built = build_experiment(cfg)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
-    from hwnas.search.export import finalize
+    from hwnas.search.export import ExportError, finalize
     from hwnas.search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
     if not rows:
         return _fail("hwnas-export", f"run_dir: {str(run_dir)!r} holds no trials (trials.jsonl is missing or empty)")
     tracking = _saved_tracking(cfg, run_dir)
-    print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking))
+    try:
+        print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking))
+    except ExportError as exc:  # the file to ship is not the one measured: refuse, in one line
+        return _fail("hwnas-export", str(exc))
     if tracking is not None:
         tracking.flush(force=True)
     return 0

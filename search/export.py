@@ -128,12 +128,16 @@ def export_model(run_dir: Path, cfg: DictConfig, row: dict[str, Any], evaluator:
     if artifact:
         model = out / "model.onnx"
         shutil.copyfile(artifact, model)
-        digest = file_sha256(model)
-        if digest != row.get("artifact_sha256"):
-            raise ExportError(f"export: {artifact} changed since it was measured (sha256 {digest} != {row.get('artifact_sha256')})")
-        val = evaluator.evaluate_file(str(model), "val")
-        if val != row["metrics"]["val_accuracy"]:
-            raise ExportError(f"export: val accuracy of {model} is {val}, but {row['metrics']['val_accuracy']} was recorded")
+        try:
+            digest = file_sha256(model)
+            if digest != row.get("artifact_sha256"):
+                raise ExportError(f"export: {artifact} changed since it was measured (sha256 {digest} != {row.get('artifact_sha256')})")
+            val = evaluator.evaluate_file(str(model), "val")
+            if val != row["metrics"]["val_accuracy"]:
+                raise ExportError(f"export: val accuracy of {model} is {val}, but {row['metrics']['val_accuracy']} was recorded")
+        except ExportError:
+            model.unlink()  # a refused file is not left in export/ as if it were the verified model
+            raise
         card.update(
             model_file="model.onnx",
             sha256=digest,

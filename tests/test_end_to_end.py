@@ -8,27 +8,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_run, hwnas, hwnas_export, mlflow_runs, output_of, read_jsonl
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.recorder import file_sha256
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def hwnas(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from hwnas.search.cli import run; run()", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=900,
-    )
+N_SMOKE = 6
 
 
 @pytest.fixture(scope="module")
@@ -36,38 +30,36 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subproce
     tmp = tmp_path_factory.mktemp("e2e")
     run_dir, uri = tmp / "run", f"sqlite:///{tmp}/mlflow.db"
     proc = hwnas(
-        "experiment=smoke", "runner=ray", "runner.max_concurrent=2", "n_trials=6", "search=tpe",
-        f"run_dir={run_dir}", f"tracking.uri={uri}",
+        "experiment=smoke", "runner=ray", "runner.max_concurrent=2", f"n_trials={N_SMOKE}", "search=tpe",
+        f"run_dir={run_dir}", f"tracking.uri={uri}", timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, output_of(proc)
     return run_dir, uri, proc
 
 
 def test_six_trials_recorded_everywhere(sweep: tuple[Path, str, subprocess.CompletedProcess[str]]) -> None:
     run_dir, uri, proc = sweep
     trials = pd.read_csv(run_dir / "trials.csv")
-    assert len(trials) == 6
-    assert set(trials["status"]) <= {"COMPLETE", "FAILED"}
-    complete = trials[trials["status"] == "COMPLETE"]
-    assert len(complete) >= 5
+    assert len(trials) == N_SMOKE and trials["number"].is_unique
+    # Every candidate of the smoke space (1-2 stages, widths 8/16, fp32/fp16/int8) fits its 16x16
+    # input and trains: no trial may fail here, for any reason.
+    assert (trials["status"] == "COMPLETE").all(), trials[["number", "status", "error"]]
+    assert trials["error"].isna().all()
     for col in ("val_accuracy", "latency_ms", "latency_p90_ms", "model_bytes", "params", "macs", "train_s"):
-        assert complete[col].notna().all(), col
-    assert (complete["latency_ms"] > 0).all() and (complete["latency_ms"] <= complete["latency_p90_ms"]).all()
-    assert "done" in proc.stdout  # the progress line was shown
+        assert trials[col].notna().all(), col
+    assert (trials["latency_ms"] > 0).all() and (trials["latency_ms"] <= trials["latency_p90_ms"]).all()
+    assert f"{N_SMOKE}/{N_SMOKE} done" in proc.stdout  # the progress line was shown, up to the end
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("hwnas-smoke")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 6
+    parents, children = mlflow_runs(uri, "hwnas-smoke")
+    assert len(parents) == 1 and len(children) == N_SMOKE
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-    assert all(r.info.status in ("FINISHED", "FAILED") for r in runs)  # nothing left RUNNING
+    assert all(r.info.status == "FINISHED" for r in [*parents, *children])  # none FAILED, none left RUNNING
+    assert sorted(int(c.data.tags["trial"]) for c in children) == sorted(trials["number"])
     for c in children:
         assert c.data.tags["pareto"] in ("true", "false")
-        if c.info.status == "FINISHED":
-            assert {"val_accuracy", "latency_ms", "model_bytes"} <= set(c.data.metrics)
-            assert any(a.path.endswith(".onnx") for a in client.list_artifacts(c.info.run_id))
+        assert {"val_accuracy", "latency_ms", "model_bytes"} <= set(c.data.metrics)
+        assert any(a.path.endswith(".onnx") for a in client.list_artifacts(c.info.run_id))
     assert sum(c.data.tags["pareto"] == "true" for c in children) == int(trials["pareto"].sum())
 
 
@@ -113,11 +105,7 @@ def test_reexport_with_a_budget_without_retraining(sweep: tuple[Path, str, subpr
     trials = pd.read_csv(run_dir / "trials.csv")
     complete = trials[trials["status"] == "COMPLETE"]
     budget = float(np.median(complete["latency_ms"]))
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from hwnas.search.cli import export_main; sys.exit(export_main())",
-         f"run_dir={run_dir}", f"objective.latency_budget_ms={budget}", f"tracking.uri={uri}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    proc = hwnas_export(f"run_dir={run_dir}", f"objective.latency_budget_ms={budget}", f"tracking.uri={uri}")
     assert proc.returncode == 0, proc.stderr
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
     assert card["latency_ms"] <= budget
@@ -126,3 +114,91 @@ def test_reexport_with_a_budget_without_retraining(sweep: tuple[Path, str, subpr
     # no trial was added or retrained
     assert len(pd.read_csv(run_dir / "trials.csv")) == len(trials)
     assert len((run_dir / "trials.jsonl").read_text().splitlines()) == len(trials)
+    _assert_export_is_the_measured_file(run_dir)
+
+
+def _assert_export_is_the_measured_file(run_dir: Path) -> dict:
+    """export/model.onnx is byte for byte the chosen trial's file as trials.jsonl recorded it
+    (path under run_dir/trials/, SHA-256 taken when the trial ended); returns that record."""
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    (row,) = [r for r in read_jsonl(run_dir / "trials.jsonl") if r["number"] == card["trial"]]
+    artifact = Path(row["artifact"])
+    assert artifact.is_relative_to((run_dir / "trials").resolve()) and artifact.name == "model.onnx", artifact
+    exported = run_dir / "export" / "model.onnx"
+    assert exported.read_bytes() == artifact.read_bytes()
+    assert file_sha256(exported) == row["artifact_sha256"] == card["sha256"]
+    assert card["metrics"] == row["metrics"] and card["model_bytes"] == len(exported.read_bytes())
+    return row
+
+
+def test_exported_model_is_byte_for_byte_the_measured_file(sweep: tuple[Path, str, subprocess.CompletedProcess[str]]) -> None:
+    run_dir, _, _ = sweep
+    row = _assert_export_is_the_measured_file(run_dir)
+    # the one trial file of every complete trial, each with the digest recorded when it ended
+    for r in read_jsonl(run_dir / "trials.jsonl"):
+        assert file_sha256(r["artifact"]) == r["artifact_sha256"], r["number"]
+    assert row["status"] == "COMPLETE"
+
+
+def test_export_refuses_a_trial_file_changed_since_it_was_measured(
+    sweep: tuple[Path, str, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    run_dir, _, _ = sweep
+    copy = copy_run(run_dir, tmp_path / "run")  # the module's run stays untouched for the other tests
+    # Control: the untouched copy exports (so the refusal below is the changed byte, not the copying).
+    proc = hwnas_export(f"run_dir={copy}", "tracking.enabled=false")
+    assert proc.returncode == 0, output_of(proc)
+    row = _assert_export_is_the_measured_file(copy)
+
+    artifact = Path(row["artifact"])
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one byte, inside the weights
+    artifact.write_bytes(bytes(data))
+    proc = hwnas_export(f"run_dir={copy}", "tracking.enabled=false")
+    assert proc.returncode != 0, output_of(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("hwnas-export: error:"), proc.stderr
+    assert "changed since it was measured" in errors[0] and str(artifact) in errors[0]
+    assert row["artifact_sha256"] in errors[0]
+    assert "Traceback" not in proc.stderr
+    # Nothing is left that claims to be the verified model: no model file, no card for it.
+    assert not (copy / "export" / "model.onnx").exists()
+    assert not (copy / "export" / "model_card.json").exists()
+
+
+@pytest.mark.slow
+def test_the_default_sweep_end_to_end(tmp_path: Path) -> None:
+    """`hwnas` as `make search` runs it (digits, macro_cnn, TPE, Ray, MLflow), with only fewer trials,
+    and the run folder and the MLflow store under tmp_path."""
+    n = 4
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    proc = hwnas(f"n_trials={n}", f"run_dir={run_dir}", f"tracking.uri={uri}", timeout=600)
+    assert proc.returncode == 0, output_of(proc)
+
+    # It was the default sweep.
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.dataset._target_.endswith(".DigitsData") and cfg.space._target_.endswith(".MacroCNNSpace")
+    assert cfg.search._target_.endswith(".TPESampler") and cfg.runner._target_.endswith(".RayRunner")
+    assert cfg.evaluator._target_.endswith(".PipelineEvaluator") and cfg.experiment_name == "default"
+
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == n and trials["number"].is_unique
+    assert (trials["status"] == "COMPLETE").all(), trials[["number", "status", "error"]]
+    assert (trials["val_accuracy"] > 0.5).all()  # ten digit classes: chance is 0.1
+
+    front = pd.read_csv(run_dir / "pareto.csv")
+    assert len(front) >= 1
+    assert non_dominated_mask(front[["val_accuracy", "latency_ms"]].to_numpy(), ["max", "min"]).all()
+    everything = trials[["val_accuracy", "latency_ms"]].to_numpy()
+    expected = trials["number"][non_dominated_mask(everything, ["max", "min"])]  # no budget by default
+    assert sorted(front["number"]) == sorted(expected)
+
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    assert card["trial"] in set(front["number"])
+    row = _assert_export_is_the_measured_file(run_dir)  # exists, and its sha256 is the recorded artifact's
+    assert file_sha256(run_dir / "export" / "model.onnx") == row["artifact_sha256"]
+
+    parents, children = mlflow_runs(uri, "hwnas-default")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == n and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(int(c.data.tags["trial"]) for c in children) == sorted(trials["number"])
