@@ -60,6 +60,11 @@ class LatencyStats:
     mean_ms: float
     std_ms: float
     n: int
+    # How the timed runs ran, as read back from the session and the runs themselves (not the target):
+    provider: str = ""  # the session's first execution provider
+    intra_op_threads: int = 0  # the session's intra-op thread budget
+    input_shape: tuple[int, ...] = ()  # the array fed to every run (batch first)
+    output_shape: tuple[int, ...] = ()  # the first output of the last timed run
 
 
 def _session(onnx_path: Path, target: LatencyTarget) -> ort.InferenceSession:
@@ -84,9 +89,10 @@ def measure_latency(
     for _ in range(target.warmup):
         session.run(None, feed)
     times_ns = np.empty(target.repeats, dtype=np.int64)
+    out = None
     for i in range(target.repeats):
         start = time.perf_counter_ns()
-        session.run(None, feed)
+        out = session.run(None, feed)
         times_ns[i] = time.perf_counter_ns() - start
     ms = times_ns / 1e6
     return LatencyStats(
@@ -95,4 +101,8 @@ def measure_latency(
         mean_ms=float(ms.mean()),
         std_ms=float(ms.std()),
         n=int(target.repeats),
+        provider=session.get_providers()[0],
+        intra_op_threads=int(session.get_session_options().intra_op_num_threads),
+        input_shape=tuple(int(d) for d in x.shape),
+        output_shape=tuple(int(d) for d in np.shape(out[0])) if out else (),
     )
