@@ -10,28 +10,33 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import (
+    NB201_METRICS,
+    NB201_OPS,
+    ROOT,
+    TESTS,
+    hwnas,
+    hwnas_command,
+    make_nb201_table,
+    nb201_cells,
+    output_of,
+    read_jsonl,
+)
+from conftest import mlflow_runs as children_runs
 
-ROOT = Path(__file__).resolve().parent.parent
+from hwnas.spaces.nb201 import EDGE_KEYS, to_arch_string
+
 T = TypeVar("T")
 # Trials of a few seconds: long enough to be killed or timed out mid-training, short enough for a test.
 SLOW_TRIALS = ("experiment=smoke", "evaluator.epochs=150", "evaluator.finetune_epochs=0")
-
-
-def hwnas_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *overrides]
-
-
-def hwnas(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(hwnas_command(*overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 # ---- the process tree, from /proc (Linux) ----
@@ -100,14 +105,6 @@ def running_trainable(driver: int) -> int | None:
     return None
 
 
-def children_runs(uri: str, experiment: str) -> tuple[list, list]:
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("max_failures", [0, 1])
 def test_worker_killed_mid_trial(tmp_path: Path, max_failures: int) -> None:
@@ -160,7 +157,7 @@ def test_trials_past_their_time_limit_fail_and_the_sweep_ends_well(tmp_path: Pat
         *SLOW_TRIALS, "evaluator.epochs=100000", "runner=local", "runner.trial_timeout_s=1", "n_trials=2",
         f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, output_of(proc)
     _assert_all_timed_out(run_dir, 2)
     _, children = children_runs(f"sqlite:///{tmp_path}/mlflow.db", "hwnas-smoke")
     assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
@@ -174,5 +171,45 @@ def test_ray_trials_past_their_time_limit_fail(tmp_path: Path) -> None:
         *SLOW_TRIALS, "evaluator.epochs=100000", "runner=ray", "runner.trial_timeout_s=1", "n_trials=2",
         f"run_dir={run_dir}", "tracking.enabled=false",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, output_of(proc)
     _assert_all_timed_out(run_dir, 2)
+
+
+def test_a_trial_that_raises_is_failed_at_once_and_not_retried(tmp_path: Path) -> None:
+    """Through Ray, which retries trials whose worker dies (runner.max_failures=2): a trial whose
+    evaluator raises is FAILED with the error, after exactly one attempt, and the sweep goes on."""
+    n = 8
+    # The table lacks every cell whose first edge is skip_connect: half the space raises on look-up.
+    missing = {to_arch_string(c) for c in nb201_cells() if c[EDGE_KEYS[0]] == "skip_connect"}
+    table = tmp_path / "t.csv"
+    frame = make_nb201_table(table, without=missing).set_index("arch")
+    attempts, run_dir = tmp_path / "attempts.txt", tmp_path / "run"
+    proc = hwnas(
+        "experiment=nb201_tabular", f"space.ops=[{','.join(NB201_OPS)}]", f"evaluator.table={table}", NB201_METRICS,
+        "plugins=[counting_evaluator]", "evaluator._target_=counting_evaluator.CountingTabularEvaluator",
+        f"+evaluator.attempts={attempts}",
+        "runner=ray", "runner.max_concurrent=2", "runner.max_failures=2", "search=random", "seed=0",
+        f"n_trials={n}", f"run_dir={run_dir}", "tracking.enabled=false",
+        env={"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)},
+    )
+    assert proc.returncode == 0, output_of(proc)
+
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == n and trials["number"].is_unique
+    arch = {int(t["number"]): to_arch_string({k: t[k] for k in EDGE_KEYS}) for _, t in trials.iterrows()}
+    failed = trials[trials["status"] == "FAILED"]
+    # FAILED exactly where the table has no row, with the evaluator's error; COMPLETE everywhere else.
+    assert {int(x) for x in failed["number"]} == {k for k, a in arch.items() if a in missing}
+    assert 0 < len(failed) < n, trials[["number", "status", "error"]]  # the sweep went on past them
+    for _, t in failed.iterrows():
+        assert "is not in table" in t["error"] and arch[int(t["number"])] in t["error"], t["error"]
+    for _, t in trials[trials["status"] == "COMPLETE"].iterrows():
+        assert t["acc"] == frame.loc[arch[int(t["number"])], "acc"]
+    for row in read_jsonl(run_dir / "trials.jsonl"):  # the durable record says the same
+        assert (row["status"] == "FAILED") == (arch[row["number"]] in missing)
+        assert (row["error"] is not None) == (row["status"] == "FAILED")
+
+    # Each trial ran exactly once: no retry of the ones that raised (nor a second look-up of any).
+    lines = [line.split() for line in attempts.read_text().splitlines()]
+    assert Counter(int(folder) for folder, _ in lines) == Counter(arch.keys())
+    assert all(arch[int(folder)] == name for folder, name in lines)
