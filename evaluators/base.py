@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Evaluation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Evaluator(Protocol):
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """Evaluate one candidate; write any files under trial_dir. Raise on failure.

@@ -22,7 +22,8 @@ def set_constraints(trial: optuna.Trial | FrozenTrial, study: optuna.Study, cons
     """Store constraint values on a trial before it is told (None: the sweep has no budgets).
 
     A live `Trial` stores them itself; a `FrozenTrial` (a trial a dead driver left RUNNING, finished
-    on resume) is written through the study's storage, as `Trial.set_constraint` would.
+    on resume) is written through the study's storage, as `Trial.set_constraint` would: Optuna has
+    no public way to do that, pinned in tests/test_private_apis.py.
     """
     for name, value in (constraints or {}).items():
         if isinstance(trial, optuna.Trial):

@@ -14,6 +14,7 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hwnas.search.broker import Broker
 from hwnas.search.config import ConfigError
 from hwnas.search.export import finalize, prepare_export, write_tables
 from hwnas.search.objectives import Objectives
@@ -191,19 +192,21 @@ def run_sweep(built: Built) -> int:
     state.save(sweep.run_dir)
     sweep.study_name = state.study_name
     rows = TrialLog(sweep.run_dir).rows()
+    study = sweep.create_study()  # once: the broker's, brought in line with trials.jsonl first when resumed
     if cfg.resume:
-        retried = reconcile_study(sweep.create_study(), rows, built.objectives)
+        retried = reconcile_study(study, rows, built.objectives)
         if tracking is not None:
             reconcile_tracking(tracking, rows)
         print(f"[hwnas] resuming {sweep.run_dir}: {len(rows)} trials done, {len(retried)} interrupted trial(s) queued again")
     sampler_tag = {"sampler": cfg.search._target_.rsplit(".", 1)[-1]}
     recorder = Recorder(
-        sweep.run_dir, built.objectives, tracking, Progress(cfg.n_trials), sampler_tag,
+        sweep.run_dir, built.objectives, tracking, Progress(sweep.n_trials), sampler_tag,
         when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator),
     )
+    broker = Broker(study, sweep.space, sweep.objectives, sweep.n_trials, recorder)
     status = "FAILED"
     try:
-        built.runner.run(sweep, recorder)
+        built.runner.run(sweep, broker)
         recorder.close()
         summary = finalize(sweep.run_dir, cfg, built.objectives, TrialLog(sweep.run_dir).rows(), sweep.evaluator, tracking)
         status = "FINISHED"

@@ -1,8 +1,8 @@
 """Driver-side bookkeeping of every trial: the durable trial log, MLflow, and the progress line.
 
-Both runners (Ray and local) report the same events here, so what a user sees and what is kept
-does not depend on where the trials ran. A trial number is recorded at most once, whatever
-retries or replays report it again.
+The broker (search/broker.py) reports every trial's events here, whichever runner placed it, so
+what a user sees and what is kept does not depend on where the trials ran. A trial number is
+recorded at most once, whatever retries or replays report it again.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class Recorder:
         self.numbers = {r["number"] for r in self.rows}
         self.duplicates = 0
         # Driver work for the end of the sweep, run in the background as soon as no further trial
-        # will start: from then on a trial slot is idle, so it costs the trials nothing.
+        # will start (the broker says when): from then on a trial slot is idle, so it costs the trials
+        # nothing.
         self._when_no_trial_left = when_no_trial_left_to_start
         self._background: threading.Thread | None = None
         self.progress.follow(self.snapshot)
@@ -96,6 +97,15 @@ class Recorder:
     def duplicate(self) -> None:
         self.duplicates += 1
 
+    def no_trial_left_to_start(self) -> None:
+        """Told by the broker when a trial ended and none is left to start: run the end-of-sweep
+        work in the background, once (a trial slot stays idle from now on)."""
+        work = self._when_no_trial_left
+        if work is not None:
+            self._when_no_trial_left = None
+            self._background = threading.Thread(target=self._run_quietly, args=(work,), daemon=True)
+            self._background.start()
+
     def close(self) -> None:
         self.progress.close()
         if self._background is not None:
@@ -123,11 +133,6 @@ class Recorder:
         self.log.append(row)
         self.rows.append(row)
         self.numbers.add(number)
-        work = self._when_no_trial_left
-        if work is not None and self.done + len(self.running) >= self.progress.total:
-            self._when_no_trial_left = None
-            self._background = threading.Thread(target=self._run_quietly, args=(work,), daemon=True)
-            self._background.start()
         if self.tracking is not None:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
             if row["error"]:

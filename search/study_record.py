@@ -26,7 +26,6 @@ def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
         if DUPLICATE not in t.user_attrs and INTERRUPTED not in t.user_attrs
-        and "duplicate_of_running" not in t.user_attrs
     ]
 
 
@@ -38,19 +37,19 @@ def reconcile_study(study: optuna.Study, rows: Sequence[Mapping[str, Any]], obje
     is retried once and counted once.
     """
     by_number = {r["number"]: r for r in rows}
-    storage = study._storage
     retry: list[dict[str, Any]] = []
     # WAITING trials are candidates queued by an earlier resume: ask() still hands them out.
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = by_number.get(t.number)
         if row is not None and row["status"] == COMPLETE:
             set_constraints(t, study, objectives.constraints(row["metrics"]))
-            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, objectives.values(row["metrics"]))
+            study.tell(t.number, objectives.values(row["metrics"]))
         elif row is not None:
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)
         else:
-            storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            # Optuna has no public setter of a FrozenTrial's user attribute: pinned in tests/test_private_apis.py.
+            study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+            study.tell(t.number, state=TrialState.FAIL)
             if t.params:
                 retry.append(dict(t.params))
     for params in retry:

@@ -11,8 +11,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 STATE_FILE = "sweep.json"
 JOURNAL_FILE = "optuna.journal"
@@ -45,12 +44,20 @@ class _FlushedJournal(JournalFileBackend):
     resume re-tells Optuna any result the journal lost.
     """
 
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = JournalFileSymlinkLock(path)  # Optuna's default lock for this file, shared with its reads
+        super().__init__(path, lock_obj=self.lock)
+
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        with get_lock_file(self._lock):
+        self.lock.acquire()
+        try:
             text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with open(self._file_path, "ab") as f:
+            with open(self.path, "ab") as f:
                 f.write(text.encode("utf-8"))
                 f.flush()
+        finally:
+            self.lock.release()
 
 
 def journal_storage(run_dir: Path) -> optuna.storages.BaseStorage:

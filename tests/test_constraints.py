@@ -9,10 +9,11 @@ import numpy as np
 import optuna
 import pytest
 
+from hwnas.evaluators.base import Evaluation
+from hwnas.search.broker import Broker
 from hwnas.search.constraints import violation
-from hwnas.search.dedup import Outcome
 from hwnas.search.objectives import MISSING_VIOLATION, Objectives
-from hwnas.search.runners.local_runner import optimize
+from hwnas.search.runners.local_runner import run_in_process
 from hwnas.search.samplers import RegularizedEvolutionSampler, RLControllerSampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,14 +40,14 @@ def test_constraint_values_follow_optunas_sign_and_agree_with_feasibility() -> N
 def test_runner_tells_constraints_with_values_also_for_repeats() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
 
-    def suggest(trial: optuna.Trial) -> dict[str, Any]:
-        return {"x": trial.suggest_categorical("x", [0, 1, 2, 3])}
+    class Space:
+        def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+            return {"x": trial.suggest_categorical("x", [0, 1, 2, 3])}
 
-    def evaluate(number: int, candidate: dict[str, Any]) -> Outcome:
-        metrics = {"acc": 0.6 + 0.1 * candidate["x"], "lat": float(candidate["x"])}
-        return Outcome.of(BUDGET.values(metrics), BUDGET.constraints(metrics))
+    def evaluate(number: int, candidate: dict[str, Any]) -> Evaluation:
+        return Evaluation({"acc": 0.6 + 0.1 * candidate["x"], "lat": float(candidate["x"])})
 
-    assert optimize(study, suggest, evaluate, 4) == 4
+    assert run_in_process(Broker(study, Space(), BUDGET, 4), evaluate) == 4  # type: ignore[arg-type]
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) > 4  # four distinct candidates took more asks: repeats were answered from the record
     for t in trials:

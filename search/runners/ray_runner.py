@@ -1,10 +1,10 @@
-"""Ray Tune runner: Optuna's sampler through `OptunaSearch`, trials as Ray actors, bookkeeping on the driver.
+"""Ray Tune runner: the broker's trials as Ray actors, bookkeeping on the driver.
 
 Trials run in worker processes (one per `runner.resources`), so only numbers and file paths travel
 back; MLflow, the trial log and the progress line live in the driver (see `Recorder`).
 
-Order of writes when a trial ends: trials.jsonl first, then Optuna's journal (`tell`), then MLflow.
-A driver killed between any two is reconciled on resume from trials.jsonl (see study_record).
+What happens when a trial ends (trials.jsonl first, then MLflow and Optuna's journal) is the broker's
+(search/broker.py), the same as for runner=local; this runner only places the trials.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import optuna
 import ray
 
-from hwnas.search.recorder import Recorder
+from hwnas.search.broker import Broker
 from hwnas.search.runners.limits import check_timeout
 from hwnas.search.runners.sweep import Sweep
 
@@ -92,26 +91,17 @@ class RayRunner:
                     f"runner.resources.gpu: {self.resources['gpu']} per trial, but the cluster has {total:g} GPUs; allowed: <= {total:g}"
                 )
 
-    def run(self, sweep: Sweep, recorder: Recorder) -> optuna.Study:
+    def run(self, sweep: Sweep, broker: Broker) -> None:
         from ray import tune
 
-        from hwnas.search.runners.ray_search import DedupOptunaSearch, StartCallback
+        from hwnas.search.runners.ray_search import BrokerSearcher, StartCallback
         from hwnas.search.runners.ray_trial import run_trial
 
         self.start()
+        if broker.left() <= 0:
+            return  # a resumed sweep that had every trial recorded
         root = Path(self.storage).resolve() / sweep.run_dir.resolve().name if self.storage else sweep.run_dir.resolve()
         trials: dict[str, Any] = {}
-        searcher = DedupOptunaSearch(
-            sweep.space,
-            sweep.objectives,
-            recorder,
-            trials,
-            metric=list(sweep.objectives.names),
-            mode=list(sweep.objectives.modes),
-            sampler=sweep.sampler,
-            study_name=sweep.study_name,
-            storage=sweep.storage(),
-        )
         trainable = tune.with_resources(
             tune.with_parameters(
                 run_trial,
@@ -122,14 +112,12 @@ class RayRunner:
             ),
             self.resources,
         )
-        remaining = sweep.n_trials - recorder.done
-        if remaining <= 0:
-            return optuna.load_study(study_name=sweep.study_name, storage=sweep.storage())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=remaining,
+                search_alg=BrokerSearcher(broker, trials),
+                # The broker counts the trials (n_trials): its searcher answers FINISHED when none is left.
+                num_samples=-1,
                 max_concurrent_trials=self.max_concurrent,
                 # A function trainable has no state between trials: reusing the worker process saves
                 # the seconds that importing torch + Lightning costs per trial.
@@ -139,12 +127,11 @@ class RayRunner:
                 name="tune",
                 storage_path=str(root / "ray"),
                 verbose=0,
-                callbacks=[StartCallback(recorder, trials)],
+                callbacks=[StartCallback(broker, trials)],
                 failure_config=tune.FailureConfig(max_failures=self.max_failures),
             ),
         )
         tuner.fit()
-        if recorder.running:
+        if broker.in_flight:
             # Ray Tune catches Ctrl-C itself and returns from fit() with trials cut short.
             raise KeyboardInterrupt
-        return searcher.study

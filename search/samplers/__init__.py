@@ -1,4 +1,4 @@
-"""Search strategies as Optuna samplers, so they run unchanged in an ask/tell loop or under Ray Tune's OptunaSearch."""
+"""Search strategies as Optuna samplers, so they run unchanged in an ask/tell loop or with trials placed by Ray Tune (search/broker.py asks and tells)."""
 
 from __future__ import annotations
 

@@ -143,9 +143,9 @@ class TrialIndex:
 
     def refresh(self, study: Study, current_number: int) -> None:
         self._running = {}
-        # No trial cache: it is filled at `ask`, and trials asked before this one may have got their
-        # parameters since (parallel trials suggested in turn).
-        for t in study._get_trials(deepcopy=False, use_cache=False):
+        # No trial cache (the public get_trials reads the storage): the cache is filled at `ask`, and
+        # trials asked before this one may have got their parameters since (parallel trials suggested in turn).
+        for t in study.get_trials(deepcopy=False):
             if t.number == current_number or t.number in self._done or not t.params:
                 continue
             if t.state in _FINISHED:

@@ -6,7 +6,7 @@ from the policy; learning is REINFORCE with a moving-average baseline, the advan
 moving standard deviation (so one learning rate works whatever the reward's units), PPO-style
 ratio clipping for trials sampled by an older policy, and an entropy bonus. Only COMPLETE trials
 are learned from, each exactly once, in trial-number order, when the next trial is asked: so
-trials running in parallel (Ray Tune's OptunaSearch) are fine, each update uses finished ones.
+trials running in parallel (runner=ray) are fine, each update uses finished ones.
 A trial over budget (Optuna trial constraints) gets the worst reward seen within budget.
 
 All state (policy, baseline, RNG, learned-trial set) lives in plain attributes, so
