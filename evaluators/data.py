@@ -7,7 +7,7 @@ them to the workers) without paying ~9 s of imports; training wraps them in a Li
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -15,6 +15,23 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 SPLITS = ("train", "val", "test")
+
+
+@runtime_checkable
+class DataRecipe(Protocol):
+    """What a `dataset` config builds (checked after instantiation): fixed splits as arrays and loaders."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+
+    def setup(self) -> None: ...
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def loader(self, split: str, *, shuffle: bool) -> DataLoader: ...
 
 
 def _check_common(

@@ -35,12 +35,26 @@ def _usage() -> str:
     return USAGE.format(groups=groups)
 
 
-def _load_config(path: Path) -> DictConfig:
-    """A run's saved config.yaml (a mapping), or a one-line ConfigError."""
-    loaded = OmegaConf.load(path)
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"run_dir: {str(path)!r} is not a config mapping; allowed: the config.yaml hwnas wrote")
-    return loaded
+def _load_config(path: Path, plugins: Sequence[str] = ()) -> DictConfig:
+    """A run's saved config.yaml, checked as untrusted input (hwnas.search.run_folder), or a one-line
+    ConfigError. `plugins`: the current command line's; the file's own are ignored."""
+    from hwnas.search.run_folder import load_run_config
+
+    return load_run_config(path, plugins)
+
+
+def _plugins_arg(args: Sequence[str]) -> list[str]:
+    """The `plugins=[...]` of this command line ([] when not given)."""
+    given = [a.lstrip("+") for a in args if a.lstrip("+").startswith("plugins=")]
+    if not given:
+        return []
+    value = OmegaConf.to_container(OmegaConf.from_dotlist(given[-1:]))["plugins"]  # type: ignore[index]
+    from hwnas.search.plugins import PluginError, check_plugins
+
+    try:
+        return list(check_plugins(value))
+    except PluginError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _fail(prog: str, message: str) -> int:
@@ -84,10 +98,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         return _fail("hwnas-export", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a finished sweep")
     for a in rest:
         key = a.lstrip("+").split("=", 1)[0]
-        if not (key.startswith("objective.") or key.startswith("select") or key.startswith("tracking.")):
-            return _fail("hwnas-export", f"{key}: cannot change at export; allowed: objective.*, select=..., tracking.*")
+        if not (key.startswith("objective.") or key.startswith("select") or key.startswith("tracking.") or key == "plugins"):
+            return _fail("hwnas-export", f"{key}: cannot change at export; allowed: objective.*, select=..., tracking.*, plugins=[...]")
     try:
-        base = _load_config(saved)
+        base = _load_config(saved, _plugins_arg(rest))
         overrides = [a for a in rest if not a.startswith("select=")]
         cfg = base.copy()
         cfg.merge_with(OmegaConf.from_dotlist([a.lstrip("+") for a in overrides]))
@@ -105,16 +119,23 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         built = build_experiment(cfg)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
+    from hwnas.evaluators.onnx_check import OnnxFileError
     from hwnas.search.export import ExportError, finalize
     from hwnas.search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
     if not rows:
         return _fail("hwnas-export", f"run_dir: {str(run_dir)!r} holds no trials (trials.jsonl is missing or empty)")
+    try:
+        from hwnas.search.run_folder import check_run_folder
+
+        check_run_folder(run_dir, cfg, rows)  # its records name only its own files
+    except ConfigError as exc:
+        return _fail("hwnas-export", str(exc))
     tracking = _saved_tracking(cfg, run_dir)
     try:
         print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking))
-    except ExportError as exc:  # the file to ship is not the one measured: refuse, in one line
+    except (ExportError, OnnxFileError) as exc:  # not the file measured, or not a checked ONNX model: one line
         return _fail("hwnas-export", str(exc))
     if tracking is not None:
         tracking.flush(force=True)
@@ -140,14 +161,17 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_warnings()
     values = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = sorted(set(values) - {"run_dir", "tracking.uri"}) + [a for a in args if "=" not in a]
+    unknown = sorted(set(values) - {"run_dir", "tracking.uri", "plugins"}) + [a for a in args if "=" not in a]
     if unknown or "run_dir" not in values:
-        return _fail("hwnas-sync", f"{(unknown or ['run_dir'])[0]}: not allowed or missing; usage: hwnas-sync run_dir=PATH [tracking.uri=URI]")
+        return _fail("hwnas-sync", f"{(unknown or ['run_dir'])[0]}: not allowed or missing; usage: hwnas-sync run_dir=PATH [tracking.uri=URI] [plugins=[...]]")
     run_dir = Path(values["run_dir"])
     if not (run_dir / "config.yaml").is_file():
         return _fail("hwnas-sync", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a sweep")
     try:
-        cfg = _load_config(run_dir / "config.yaml")
+        cfg = _load_config(run_dir / "config.yaml", _plugins_arg(args))
+        from hwnas.search.run_folder import check_run_folder
+
+        check_run_folder(run_dir, cfg)  # nothing outside the run folder is uploaded
     except ConfigError as exc:
         return _fail("hwnas-sync", str(exc))
     if "tracking.uri" in values:

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 # The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
 CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
 GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
-TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", *GROUPS}
+TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", *GROUPS}
 MODES = ("max", "min")
 
 
@@ -30,17 +30,68 @@ class ConfigError(ValueError):
     """A bad config value: one line, naming the key, the value and what is allowed."""
 
 
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_choices(group: str, config_dir: Path | None = None) -> list[str]:
+    """The shipped choices of a group, plus those in the user's own --config-dir."""
+    dirs = [CONF_DIR] if config_dir is None else [CONF_DIR, config_dir]
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def split_config_dir(args: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """(`--config-dir DIR` or `--config-dir=DIR`, the other arguments): a folder of the user's own config files."""
+    rest: list[str] = []
+    found: list[str] = []
+    items = iter(args)
+    for item in items:
+        if item == "--config-dir":
+            found.append(next(items, ""))
+        elif item.startswith("--config-dir="):
+            found.append(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    if not found:
+        return None, rest
+    if len(found) > 1 or not found[0] or not Path(found[0]).is_dir():
+        raise ConfigError(f"--config-dir: {found[-1]!r} is not allowed; allowed: one existing folder of your own config files")
+    return Path(found[0]).resolve(), rest
+
+
+def _check_user_config_dir(config_dir: Path) -> None:
+    # The user's own files may pick targets and plugins=[...]; Hydra's own settings stay hwnas'.
+    from hwnas.search.plugins import PluginError, check_tree
+
+    for path in sorted(config_dir.rglob("*.yaml")):
+        try:
+            tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as exc:
+            raise ConfigError(f"--config-dir: {path} cannot be read ({type(exc).__name__}); allowed: YAML config files") from None
+        if isinstance(tree, dict) and "hydra" in tree:
+            try:
+                check_tree({"hydra": None}, (), where=f" (in {path})")
+            except PluginError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def compose_config(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
-    """Compose conf/<config_name>.yaml with Hydra overrides; Hydra's errors become ConfigError."""
-    _check_group_overrides(overrides)
+    """Compose conf/<config_name>.yaml with Hydra overrides; Hydra's errors become ConfigError.
+
+    `--config-dir DIR` among the overrides adds the user's own config files after the shipped ones.
+    """
+    from hwnas.search.plugins import hydra_override
+
+    config_dir, overrides = split_config_dir(overrides)
+    for item in overrides:
+        if hydra_override(item):
+            key = item.lstrip("+~").split("=", 1)[0]
+            raise ConfigError(f"{key}: {item!r} is not allowed; allowed: hwnas' own Hydra settings (put your config files in --config-dir DIR)")
+    _check_group_overrides(overrides, config_dir)
+    searchpath = []
+    if config_dir is not None:
+        _check_user_config_dir(config_dir)
+        searchpath = [f"hydra.searchpath=[{config_dir.as_uri()}]"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=[*overrides, *searchpath])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_hydra_message(exc)) from None
     finally:
@@ -48,13 +99,13 @@ def compose_config(overrides: Sequence[str], config_name: str = "config") -> Dic
     return cfg
 
 
-def _check_group_overrides(overrides: Sequence[str]) -> None:
+def _check_group_overrides(overrides: Sequence[str], config_dir: Path | None = None) -> None:
     # Hydra's own message for an unknown group option is many lines; give one that lists the options.
     for item in overrides:
         key, sep, value = item.lstrip("+~").partition("=")
         group = key.split("@")[0]
         if sep and (group in GROUPS or group == "experiment"):
-            choices = group_choices(group)
+            choices = group_choices(group, config_dir)
             if value not in choices and not (group == "experiment" and value == "null"):
                 raise ConfigError(f"{group}={value}: unknown choice; allowed: {', '.join(choices)}")
 
@@ -84,6 +135,7 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config could not be resolved: {str(exc).splitlines()[0]}") from None
+    check_imports(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required (??? in conf/) but not set; allowed: give it as {missing[0]}=VALUE")
@@ -104,7 +156,7 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg.select, "rule", RULES, "select")
     for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
-        check_target_kwargs(cfg[group], group)
+        check_target_kwargs(cfg[group], group, tuple(cfg.get("plugins") or ()))
 
 
 def _check_objective(obj: DictConfig) -> None:
@@ -132,12 +184,33 @@ def _check_objective(obj: DictConfig) -> None:
             raise ConfigError(f"objective.budgets.{key!s}: {bound!r} is not a number; allowed: a number")
 
 
-def check_target_kwargs(node: DictConfig, group: str) -> None:
-    """A `_target_` group: the target must import, and every key must be one of its keyword arguments."""
+def check_imports(cfg: DictConfig) -> tuple[str, ...]:
+    """Before anything is imported: `plugins` is a list of the user's own modules, and every `_target_`
+    in the whole tree is one of hwnas' own for its group or under one of those modules. Returns them."""
+    from hwnas.search.plugins import PluginError, check_plugins, check_tree
+
+    try:
+        given = cfg.get("plugins")
+        plugins = check_plugins(OmegaConf.to_container(given) if isinstance(given, (DictConfig, ListConfig)) else given)
+        check_tree(OmegaConf.to_container(cfg, resolve=True), plugins)
+    except PluginError as exc:
+        raise ConfigError(str(exc)) from None
+    return plugins
+
+
+def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = ()) -> None:
+    """A `_target_` group: the target must be allowed (hwnas.search.plugins) and import, and every key
+    must be one of its keyword arguments."""
     from hydra.utils import get_object
+
+    from hwnas.search.plugins import PluginError, check_target
 
     if "_target_" not in node:
         raise ConfigError(f"{group}: no _target_; allowed: a mapping with _target_ naming a class")
+    try:
+        check_target(f"{group}._target_", node._target_, plugins)  # nothing is imported for a refused name
+    except PluginError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         target = get_object(node._target_)
     except Exception:

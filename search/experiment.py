@@ -40,9 +40,10 @@ class Built:
 
 
 def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
-    """instantiate(), with a constructor's ValueError turned into a one-line ConfigError for that group."""
+    """instantiate(), with a constructor's ValueError turned into a one-line ConfigError for that group,
+    and the built object checked against the group's interface (the evaluator once it is called)."""
     try:
-        return instantiate(node, **kwargs)
+        built = instantiate(node, **kwargs)
     except Exception as exc:  # Hydra wraps constructor errors in InstantiationException
         cause: BaseException = exc
         while cause.__cause__ is not None:
@@ -51,6 +52,18 @@ def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(cause, (ValueError, TypeError, RuntimeError, FileNotFoundError, KeyError)):
             raise ConfigError(text if text.startswith(f"{group}.") or text.startswith(group) else f"{group}: {text}") from None
         raise
+    if group != "evaluator":  # conf/evaluator is _partial_: checked once called with its runtime objects
+        _check_interface(group, built, node._target_)
+    return built
+
+
+def _check_interface(group: str, built: Any, target: str) -> None:
+    from hwnas.search.plugins import PluginError, check_interface
+
+    try:
+        check_interface(group, built, target)
+    except PluginError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _accepted(target: Any, offered: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +92,7 @@ def build_experiment(cfg: DictConfig) -> Built:
         evaluator = evaluator_factory(**_accepted(evaluator_factory, offered))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"evaluator: {str(exc).strip().splitlines()[0]}") from None
+    _check_interface("evaluator", evaluator, cfg.evaluator._target_)
     reported = getattr(evaluator, "metric_names", None)
     if reported is not None:
         for i, name in enumerate(objectives.names):
@@ -112,7 +126,11 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if cfg.resume:
         if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / STATE_FILE).is_file():
             raise ConfigError(f"resume: true, but run_dir {str(run_dir)!r} holds no sweep; allowed: the run_dir of an earlier sweep")
-        saved = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True))  # type: ignore[arg-type]
+        from hwnas.search.run_folder import check_run_folder, load_run_config
+
+        # The folder is untrusted input: checked targets, no interpolation, its own plugins ignored.
+        saved_cfg = load_run_config(run_dir / CONFIG_FILE, tuple(cfg.get("plugins") or ()))
+        saved = flatten(OmegaConf.to_container(saved_cfg, resolve=True))  # type: ignore[arg-type]
         now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         differ = sorted(
             k for k in set(saved) | set(now)
@@ -123,6 +141,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
                 f"resume: the config differs from the original run in {', '.join(differ)}; "
                 "allowed: changes to runner.*, tracking.* only"
             )
+        check_run_folder(run_dir, saved_cfg)  # its records name only its own files (artifacts, pending uploads)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run_dir: {str(run_dir)!r} already holds files; allowed: a new or empty folder, or resume=true")
     return run_dir
