@@ -92,11 +92,37 @@ def compose_config(overrides: Sequence[str], config_name: str = "config") -> Dic
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=[*overrides, *searchpath])
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_hydra_message(exc)) from None
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as exc:
+        # Some Hydra errors (a key under a list, `+key` that exists) name no override: find the one.
+        message = _hydra_message(exc)
+        if not _names_an_override(message, overrides):
+            message = _culprit_message(overrides, config_name, message)
+        raise ConfigError(message) from None
     finally:
         GlobalHydra.instance().clear()
     return cfg
+
+
+def _names_an_override(message: str, overrides: Sequence[str]) -> bool:
+    return any(message.startswith(item.lstrip("+~").split("=", 1)[0]) for item in overrides)
+
+
+def _culprit_message(overrides: Sequence[str], config_name: str, fallback: str) -> str:
+    """Compose with one override at a time; name the first that fails on its own, with Hydra's reason."""
+    for item in overrides:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                compose(config_name=config_name, overrides=[item])
+        except Exception as exc:  # noqa: BLE001 - any failure of this override alone names it
+            key = item.lstrip("+~").split("=", 1)[0] or item
+            reason = _hydra_message(exc).replace("\n", " ")
+            if _names_an_override(reason, [item]):
+                return reason
+            return f"{key}: {item!r} cannot be applied ({reason}); allowed: key=VALUE for a key in hwnas --cfg, +key=VALUE for a new one, ~key to delete"
+        finally:
+            GlobalHydra.instance().clear()
+    return f"overrides: {fallback}; allowed: key=VALUE for a key in hwnas --cfg"
 
 
 def _check_group_overrides(overrides: Sequence[str], config_dir: Path | None = None) -> None:
@@ -117,6 +143,12 @@ def _hydra_message(exc: Exception) -> str:
         group = key.rsplit(".", 1)[0] if "." in key else None
         where = f"the keys of conf/{group}/" if group in GROUPS else ", ".join(sorted(TOP_LEVEL))
         return f"{key}: unknown key; allowed: {where} (hwnas --cfg shows the composed config)"
+    if text.startswith("Error merging override "):
+        item = text.splitlines()[0][len("Error merging override "):].strip()
+        key, _, value = item.lstrip("+~").partition("=")
+        cause = str(exc.__cause__ or "")
+        kind = "list" if "object_type=list" in cause else "mapping" if "object_type=dict" in cause else "value of the same kind"
+        return f"{key}: {value!r} does not fit there; allowed: a {kind}, as in conf/ (hwnas --cfg shows the composed config)"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -142,21 +174,42 @@ def validate(cfg: DictConfig) -> None:
     unknown = {str(k) for k in cfg.keys()} - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
-    _int(cfg, "n_trials", lo=1)
-    _int(cfg, "seed", lo=0)
-    _type(cfg, "run_dir", str)
-    _type(cfg, "resume", bool)
-    _type(cfg, "experiment_name", str)
+    try:
+        _check_values(cfg)
+    except ValueError as exc:  # checks.ValueProblem: already one line naming key, value, what is allowed
+        raise ConfigError(str(exc)) from None
+
+
+def _check_values(cfg: DictConfig) -> None:
+    from hwnas.search import checks
+
+    for key in sorted({"experiment_name", "n_trials", "seed", "run_dir", "resume", *GROUPS} - {str(k) for k in cfg.keys()}):
+        if key in GROUPS:
+            raise ConfigError(f"{key}: missing (removed with ~{key}?); allowed: {key}=CHOICE, one of {', '.join(group_choices(key))}")
+        raise ConfigError(f"{key}: missing; allowed: give it as {key}=VALUE")
+    for group in GROUPS:
+        if not isinstance(cfg[group], DictConfig):
+            raise checks.refuse(group, cfg[group], f"{group}=CHOICE, one of {', '.join(group_choices(group))}", "is not a config group;")
+    checks.check_finite(cfg)
+    checks.integer(1, checks.MAX_TRIALS)("n_trials", cfg.n_trials)
+    checks.integer(0, checks.MAX_SEED)("seed", cfg.seed)
+    checks.boolean("resume", cfg.resume)
+    checks.check_name("experiment_name", cfg.experiment_name)
+    checks.check_run_dir(cfg.run_dir)
     _check_objective(cfg.objective)
-    _check_keys(cfg.tracking, "tracking", {"enabled", "uri", "experiment", "registered_model"})
-    _type(cfg.tracking, "enabled", bool, "tracking")
-    _type(cfg.tracking, "uri", str, "tracking")
+    _check_keys(cfg.tracking, "tracking", {"enabled", "uri", "experiment", "registered_model", "connect_timeout_s"}, optional={"connect_timeout_s"})
+    checks.boolean("tracking.enabled", cfg.tracking.enabled)
+    checks.check_name("tracking.experiment", cfg.tracking.experiment)
+    checks.check_name("tracking.registered_model", cfg.tracking.registered_model)
+    checks.CONNECT_TIMEOUT("tracking.connect_timeout_s", cfg.tracking.get("connect_timeout_s", 15))
+    checks.check_tracking_uri(cfg.tracking.uri, enabled=cfg.tracking.enabled)
     _check_keys(cfg.select, "select", {"rule"})
     from hwnas.search.selection import RULES
 
     _choice(cfg.select, "rule", RULES, "select")
     for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
         check_target_kwargs(cfg[group], group, tuple(cfg.get("plugins") or ()))
+        checks.check_group(cfg[group], group)
 
 
 def _check_objective(obj: DictConfig) -> None:
@@ -171,6 +224,8 @@ def _check_objective(obj: DictConfig) -> None:
             raise ConfigError(f"{where}: {m!r}; allowed: a mapping with exactly the keys name and mode")
         if m.mode not in MODES:
             raise ConfigError(f"{where}.mode: {m.mode!r} is not a direction; allowed: max, min")
+        if not isinstance(m.name, str) or not m.name.strip():
+            raise ConfigError(f"{where}.name: {m.name!r} is not allowed; allowed: the name of a metric the evaluator reports")
         names.append(m.name)
     if len(set(names)) != len(names):
         raise ConfigError(f"objective.metrics: {names} names a metric twice; allowed: each metric once")
@@ -226,11 +281,11 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
             raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _check_keys(node: DictConfig, where: str, allowed: set[str]) -> None:
+def _check_keys(node: DictConfig, where: str, allowed: set[str], optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     extra = {str(k) for k in node.keys()} - allowed
     if extra:
         raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-    missing = allowed - {str(k) for k in node.keys()}
+    missing = allowed - optional - {str(k) for k in node.keys()}
     if missing:
         raise ConfigError(f"{where}.{sorted(missing)[0]}: missing; it must be set")
 
