@@ -46,11 +46,21 @@ def compose(overrides: Sequence[str]) -> DictConfig:
 
 
 def prepare(cfg: DictConfig) -> Built:
-    """Build the sweep and start its runner (Ray); ConfigError before anything is written."""
+    """Build the sweep and start its runner (Ray); ConfigError before anything is written.
+
+    Order: the values (`compose`), the run folder and every object the sweep needs (checked, not
+    created), then whether the tracking server and the Ray address answer (each bounded by its
+    connect_timeout_s); only then anything with a side effect: Ray starts, and after it the run
+    folder and the MLflow store (`run_sweep`)."""
     from hwnas.search.experiment import build_experiment, prepare_run_dir
+    from hwnas.search.reach import check_reachable
 
     prepare_run_dir(cfg)
     built = build_experiment(cfg)
+    try:
+        check_reachable(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     start = getattr(built.runner, "start", None)
     if start is not None:
         warm = _warm_up(cfg)
@@ -65,21 +75,21 @@ def prepare(cfg: DictConfig) -> Built:
 
 def _warm_up(cfg: DictConfig) -> threading.Thread:
     """While Ray starts (seconds of waiting on its processes): import what the sweep needs next
-    (Ray Tune's side, MLflow) and let a new SQLite store create its schema."""
+    (Ray Tune's side, MLflow and its SQL store). Imports only: `start()` may still refuse the
+    config (runner.storage on a cluster, GPUs), so no database, folder or experiment is made here."""
 
     def warm() -> None:
         import hwnas.search.runners.ray_search  # noqa: F401  (Ray Tune: ~2 s of imports)
 
         if not cfg.tracking.enabled:
             return
-        from hwnas.search.tracking import MlflowStore
+        import hwnas.search.tracking  # noqa: F401  (MLflow's client)
 
-        if not str(cfg.tracking.uri).startswith("sqlite:"):
-            return  # a server is not contacted before Ray has started
-        try:
-            MlflowStore(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.registered_model).client.search_experiments(max_results=1)
-        except Exception:
-            pass  # the sweep's own first call reports any real problem
+        if str(cfg.tracking.uri).startswith("sqlite:"):
+            try:
+                import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (SQLAlchemy, alembic)
+            except Exception:  # noqa: BLE001 - only a head start; the sweep's own import reports problems
+                pass
 
     thread = threading.Thread(target=warm, name="hwnas-warm-up", daemon=True)
     thread.start()

@@ -22,6 +22,12 @@ from hwnas.search.runners.limits import check_timeout
 from hwnas.search.runners.sweep import Sweep
 
 
+def _as_config(value: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.create(dict(value)) if isinstance(value, dict) and not isinstance(value, DictConfig) else value
+
+
 class RayRunner:
     def __init__(
         self,
@@ -32,7 +38,16 @@ class RayRunner:
         storage: str | None,
         max_failures: int,
         trial_timeout_s: float | None,
+        connect_timeout_s: float = 15.0,
     ) -> None:
+        from hwnas.search.checks import CONNECT_TIMEOUT, address as check_address, integer, mapping, number
+
+        # The same checks as `hwnas` runs on the config, for a RayRunner built in Python.
+        integer(1, 100_000)("runner.max_concurrent", max_concurrent)
+        mapping({"cpu": number(0, 100_000, lo_open=True), "gpu": number(0, 100_000)})("runner.resources", _as_config(resources))
+        check_address("runner.address", address)
+        integer(0, 1000)("runner.max_failures", max_failures)
+        CONNECT_TIMEOUT("runner.connect_timeout_s", connect_timeout_s)
         if max_concurrent < 1:
             raise ValueError(f"runner.max_concurrent: {max_concurrent} is not allowed; allowed: an integer >= 1")
         unknown = set(resources) - {"cpu", "gpu"}
@@ -48,6 +63,7 @@ class RayRunner:
         self.storage = storage
         self.max_failures = max_failures
         self.trial_timeout_s = check_timeout(trial_timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s)
 
     def start(self) -> None:
         """Start or join Ray, and check the cluster can keep this sweep's state. Before any trial."""
@@ -63,6 +79,15 @@ class RayRunner:
             local: dict[str, Any] = {}
             if not self.address:
                 local["_system_config"] = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+            else:
+                from hwnas.search.reach import check_ray_address
+
+                # Something must speak gRPC there within runner.connect_timeout_s (a silent port would
+                # hang ray.init for minutes); Ray's own GCS connect waits get the same bound.
+                check_ray_address(self.address, self.connect_timeout_s)
+                wait = str(max(1, round(self.connect_timeout_s)))
+                os.environ.setdefault("RAY_py_gcs_connect_timeout_s", wait)
+                os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", wait)
             try:
                 ray.init(
                     # null means a new local instance, as documented: not whatever cluster
