@@ -34,15 +34,49 @@ class HasNames(Protocol):
     names: tuple[str, ...]
 
 
+TABLE_ALLOWED = "a CSV (.csv, text with a header row) or Parquet (.parquet, .pq) file with a key column and numeric metric columns"
+
+
+def _bad_table(path: Path, problem: str) -> ValueError:
+    return ValueError(f"evaluator.table: {str(path)!r} {problem}; allowed: {TABLE_ALLOWED}")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV or Parquet table, chosen by the file's suffix."""
+    """A CSV or Parquet table, chosen by the file's suffix; a one-line ValueError naming
+    evaluator.table and the file for anything else (a folder, binary garbage, no rows)."""
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"table {str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(READERS)}")
+        raise _bad_table(path, f"has suffix {path.suffix!r}")
+    if path.is_dir():
+        raise _bad_table(path, "is a folder")
     if not path.is_file():
-        raise FileNotFoundError(f"table {str(path)!r} does not exist; allowed: an existing CSV or Parquet file")
-    return reader(path)
+        raise FileNotFoundError(f"evaluator.table: {str(path)!r} does not exist; allowed: {TABLE_ALLOWED}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+            size = f.seek(0, 2)
+    except OSError as exc:
+        raise _bad_table(path, f"cannot be read ({exc.strerror})") from None
+    if size == 0:
+        raise _bad_table(path, "is empty")
+    if reader is pd.read_csv:
+        if b"\x00" in head:
+            raise _bad_table(path, "is not a text CSV file (it holds binary bytes)")
+        try:
+            head.decode("utf-8") if size <= len(head) else head[: head.rfind(b"\n") + 1 or len(head)].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_table(path, "is not a UTF-8 text CSV file") from None
+    elif not head.startswith(b"PAR1"):
+        raise _bad_table(path, "is not a Parquet file (no PAR1 header)")
+    try:
+        frame = reader(path)
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many kinds; one line names the file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _bad_table(path, f"cannot be read as a table ({type(exc).__name__}: {reason[:120]})") from None
+    if len(frame) == 0:
+        raise _bad_table(path, "has no rows")
+    return frame
 
 
 class TabularEvaluator:
@@ -52,14 +86,25 @@ class TabularEvaluator:
         self.table = str(table)
         self.key = key
         self.space = space
+        if not isinstance(table, (str, Path)) or not str(table).strip():
+            raise ValueError(f"evaluator.table: {table!r} is not allowed; allowed: the path of {TABLE_ALLOWED}")
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"evaluator.key: {key!r} is not allowed; allowed: the name of the table's key column")
         frame = read_table(table)
         if key not in frame.columns:
-            raise ValueError(f"table {self.table!r} has no key column {key!r}; columns: {', '.join(map(str, frame.columns))}")
-        numeric = [c for c in frame.columns if c != key and pd.api.types.is_numeric_dtype(frame[c])]
+            raise ValueError(
+                f"evaluator.table: {self.table!r} has no key column {key!r} (evaluator.key); allowed: one of its columns: "
+                f"{', '.join(map(str, frame.columns))[:200]}"
+            )
+        numeric = [c for c in frame.columns if c != key and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
         self._metric_names = tuple(str(c) for c in numeric)
+        if not numeric:
+            raise ValueError(f"evaluator.table: {self.table!r} has no numeric metric column besides {key!r}; allowed: {TABLE_ALLOWED}")
         duplicated = frame[key][frame[key].duplicated()]
         if len(duplicated):
-            raise ValueError(f"table {self.table!r}: key {duplicated.iloc[0]!r} appears more than once in column {key!r}; allowed: unique keys")
+            raise ValueError(
+                f"evaluator.table: {self.table!r}: key {duplicated.iloc[0]!r} appears more than once in column {key!r}; allowed: unique keys"
+            )
         values = frame[numeric].astype(float).to_numpy()
         # One dict look-up per evaluation: thousands of trials must cost milliseconds, not a scan each.
         self._rows = {
@@ -69,9 +114,10 @@ class TabularEvaluator:
         if objectives is not None:
             for name in objectives.names:
                 if name not in self._metric_names:
+                    what = "is not numeric" if name in frame.columns else "is not a column"
                     raise ValueError(
-                        f"objective metric {name!r} is not a numeric column of table {self.table!r}; "
-                        f"allowed: {', '.join(self._metric_names)}"
+                        f"evaluator.table: {self.table!r}: objective metric {name!r} {what} there; "
+                        f"allowed: a table whose metric columns are numeric, or one of {', '.join(self._metric_names)}"
                     )
 
     @property

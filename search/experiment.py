@@ -91,7 +91,8 @@ def build_experiment(cfg: DictConfig) -> Built:
     try:
         evaluator = evaluator_factory(**_accepted(evaluator_factory, offered))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        raise ConfigError(f"evaluator: {str(exc).strip().splitlines()[0]}") from None
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(text if text.startswith("evaluator.") else f"evaluator: {text}") from None
     _check_interface("evaluator", evaluator, cfg.evaluator._target_)
     reported = getattr(evaluator, "metric_names", None)
     if reported is not None:
