@@ -90,7 +90,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     quiet_warnings()
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     rest = [a for a in args if not a.startswith("run_dir=")]
-    if len(run_dirs) != 1:
+    if len(run_dirs) != 1 or not run_dirs[0].strip():
         return _fail("hwnas-export", "run_dir: missing; usage: hwnas-export run_dir=PATH [objective.latency_budget_ms=X] [select=knee]")
     run_dir = Path(run_dirs[0])
     saved = run_dir / "config.yaml"
@@ -117,6 +117,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         from hwnas.search.experiment import build_experiment
 
         built = build_experiment(cfg)
+        _check_folder_and_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
     from hwnas.evaluators.onnx_check import OnnxFileError
@@ -142,6 +143,23 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_folder_and_server(cfg: DictConfig, run_dir: Path, pending_only: bool = False) -> None:
+    """hwnas-export / hwnas-sync: trials.jsonl is the record hwnas wrote, and the tracking server the
+    folder's parent run lives on answers within tracking.connect_timeout_s; ConfigError otherwise."""
+    from hwnas.search import checks, reach
+    from hwnas.search.sweep_state import STATE_FILE
+    from hwnas.search.tracking import PENDING_FILE
+    from hwnas.search.trial_log import TRIALS_JSONL
+
+    try:
+        checks.check_trial_log(run_dir / TRIALS_JSONL)
+        talks = cfg.tracking.enabled and (run_dir / STATE_FILE).is_file()
+        if talks and (not pending_only or (run_dir / PENDING_FILE).is_file()):
+            reach.check_tracking(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _saved_tracking(cfg: DictConfig, run_dir: Path) -> Tracking | None:
     """The finished sweep's MLflow parent run, or None when the sweep was not tracked."""
     from hwnas.search.sweep_state import STATE_FILE, SweepState
@@ -164,6 +182,8 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(values) - {"run_dir", "tracking.uri", "plugins"}) + [a for a in args if "=" not in a]
     if unknown or "run_dir" not in values:
         return _fail("hwnas-sync", f"{(unknown or ['run_dir'])[0]}: not allowed or missing; usage: hwnas-sync run_dir=PATH [tracking.uri=URI] [plugins=[...]]")
+    if not values["run_dir"].strip():
+        return _fail("hwnas-sync", "run_dir: '' is empty; usage: hwnas-sync run_dir=PATH [tracking.uri=URI] [plugins=[...]]")
     run_dir = Path(values["run_dir"])
     if not (run_dir / "config.yaml").is_file():
         return _fail("hwnas-sync", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a sweep")
@@ -176,6 +196,13 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
         return _fail("hwnas-sync", str(exc))
     if "tracking.uri" in values:
         cfg.tracking.uri = values["tracking.uri"]
+    try:
+        cfg.run_dir = str(run_dir)
+        cfg.resume = False
+        validate(cfg)  # the same value rules as hwnas, for the saved config and tracking.uri=
+        _check_folder_and_server(cfg, run_dir, pending_only=True)
+    except ConfigError as exc:
+        return _fail("hwnas-sync", str(exc))
     tracking = _saved_tracking(cfg, run_dir)
     if tracking is None or not tracking.offline:
         print(f"[hwnas-sync] nothing waits in {run_dir}")
