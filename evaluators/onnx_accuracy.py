@@ -10,19 +10,20 @@ import onnxruntime as ort
 
 
 def onnx_accuracy(
-    path: str | Path,
+    path: str | Path | bytes,
     x: np.ndarray,
     y: np.ndarray,
     *,
     batch_size: int = 256,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> float:
-    """Fraction of `x` (float32 NCHW) whose arg-max logit equals `y`."""
+    """Fraction of `x` (float32 NCHW) whose arg-max logit equals `y`. `path`: a file this process
+    wrote, or the bytes of a model from elsewhere checked by `evaluators.onnx_check.load_checked`."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an int >= 1")
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"x has {len(x)} rows and y has {len(y)}; allowed: equal, non-zero lengths")
-    session = ort.InferenceSession(str(path), providers=list(providers))
+    session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=list(providers))
     input_name = session.get_inputs()[0].name
     x = np.ascontiguousarray(x, dtype=np.float32)
     correct = 0

@@ -6,6 +6,7 @@ trial directory, so what the search ranks is exactly what would be deployed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,18 +95,23 @@ class PipelineEvaluator:
         opset: int,
         torch_threads: int,
     ) -> None:
+        # Every setting is checked here, once, before any trial (ClassifierModule trusts them).
         if epochs < 1:
-            raise ValueError(f"epochs={epochs!r} is invalid; allowed: an int >= 1")
+            raise ValueError(f"evaluator.epochs: {epochs!r} is not allowed; allowed: an int >= 1")
         if finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs={finetune_epochs!r} is negative; allowed: an int >= 0")
+            raise ValueError(f"evaluator.finetune_epochs: {finetune_epochs!r} is negative; allowed: an int >= 0")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"evaluator.lr: {lr!r} is not allowed; allowed: a finite float > 0")
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"evaluator.weight_decay: {weight_decay!r} is not allowed; allowed: a finite float >= 0")
         if calibration_samples < 1:
-            raise ValueError(f"calibration_samples={calibration_samples!r} is invalid; allowed: an int >= 1")
+            raise ValueError(f"evaluator.calibration_samples: {calibration_samples!r} is not allowed; allowed: an int >= 1")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"evaluator.optimizer: {optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
         if opset < 13:
-            raise ValueError(f"opset={opset!r} is too old for per-channel QDQ; allowed: an int >= 13")
+            raise ValueError(f"evaluator.opset: {opset!r} is too old for per-channel QDQ; allowed: an int >= 13")
         if torch_threads < 1:
-            raise ValueError(f"torch_threads={torch_threads!r} is invalid; allowed: an int >= 1")
+            raise ValueError(f"evaluator.torch_threads: {torch_threads!r} is not allowed; allowed: an int >= 1")
         check_accelerator(accelerator)
         self.space = space
         self.data = data
@@ -133,11 +139,17 @@ class PipelineEvaluator:
         self.data.setup()
 
     def evaluate_file(self, path: str | Path, split: str) -> float:
-        """ORT accuracy of any ONNX file on the 'val' or 'test' split of this evaluator's data."""
+        """ORT accuracy of any ONNX file on the 'val' or 'test' split of this evaluator's data.
+
+        The file may come from elsewhere (hwnas-export reads a run folder): it is loaded as a checked,
+        self-contained model (evaluators.onnx_check; OnnxFileError naming the file otherwise)."""
         if split not in EVAL_SPLITS:
             raise ValueError(f"split={split!r} is not an evaluation split; allowed: {', '.join(EVAL_SPLITS)}")
+        from hwnas.evaluators.onnx_check import load_checked
+
+        model = load_checked(path)
         x, y = self.data.arrays(split)
-        return onnx_accuracy(path, x, y)
+        return onnx_accuracy(model, x, y)
 
     def trial_seed(self, candidate: dict[str, Any]) -> int:
         """Seed of one evaluation: from the run seed and the architecture, so every compression of one
