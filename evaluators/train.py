@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from typing import Any
@@ -15,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hwnas.evaluators.data import ArrayData
-from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
+from hwnas.evaluators.training_options import check_accelerator
 
 
 class ClassifierModule(pl.LightningModule):
@@ -25,14 +24,7 @@ class ClassifierModule(pl.LightningModule):
         self, model: nn.Module, *, lr: float, optimizer: str, weight_decay: float, epochs: int
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr={lr!r} is invalid; allowed: a finite float > 0")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay={weight_decay!r} is negative; allowed: a float >= 0")
-        if epochs < 1:
-            raise ValueError(f"epochs={epochs!r} is invalid; allowed: an int >= 1")
+        # The settings were checked once, by PipelineEvaluator's constructor, before any trial.
         self.model = model
         self.lr = lr
         self.optimizer_name = optimizer

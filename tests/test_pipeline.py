@@ -181,6 +181,8 @@ def test_bad_candidates_raise_before_training(evaluator, candidate, word, tmp_pa
         ({"epochs": 0}, ValueError, "epochs"),
         ({"calibration_samples": 0}, ValueError, "calibration_samples"),
         ({"torch_threads": 0}, ValueError, "torch_threads"),
+        ({"lr": 0.0}, ValueError, "evaluator.lr: "),  # checked here, once, not when the first trial trains
+        ({"weight_decay": -1.0}, ValueError, "evaluator.weight_decay: "),
     ],
 )
 def test_bad_evaluator_kwargs(overrides, error, word):
