@@ -143,6 +143,16 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_trial_log(run_dir: Path) -> None:
+    from hwnas.search.checks import check_trial_log
+    from hwnas.search.trial_log import TRIALS_JSONL
+
+    try:
+        check_trial_log(run_dir / TRIALS_JSONL)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_folder_and_server(cfg: DictConfig, run_dir: Path, pending_only: bool = False) -> None:
     """hwnas-export / hwnas-sync: trials.jsonl is the record hwnas wrote, and the tracking server the
     folder's parent run lives on answers within tracking.connect_timeout_s; ConfigError otherwise."""
@@ -191,6 +201,7 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
         cfg = _load_config(run_dir / "config.yaml", _plugins_arg(args))
         from hwnas.search.run_folder import check_run_folder
 
+        _check_trial_log(run_dir)  # before anything reads it as rows
         check_run_folder(run_dir, cfg)  # nothing outside the run folder is uploaded
     except ConfigError as exc:
         return _fail("hwnas-sync", str(exc))

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from hwnas.search.checks import DB_PORTS, ValueProblem, parse_address
 
 DEFAULT_TIMEOUT_S = 15.0
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def _tcp(key: str, value: str, host: str, port: int, timeout: float) -> None:
@@ -112,19 +113,23 @@ def check_ray_address(address: Any, timeout: float = DEFAULT_TIMEOUT_S) -> None:
     parsed = parse_address("runner.address", resolved)
     assert parsed is not None
     _, host, port = parsed
-    start = time.monotonic()
     _tcp("runner.address", str(address), host, port, timeout)
-    import grpc
-
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    silent = ValueProblem(f"runner.address: {str(address)!r} accepts connections but no Ray answers within {timeout:g} s "
+                          "(runner.connect_timeout_s); allowed: the address of a running Ray head (ray start --head)")
+    # Ray's GCS and Ray Client servers speak gRPC: HTTP/2, whose server sends a SETTINGS frame as soon
+    # as it reads the client preface. Something that never answers it is not Ray.
     try:
-        grpc.channel_ready_future(channel).result(timeout=max(0.1, timeout - (time.monotonic() - start)))
-    except grpc.FutureTimeoutError:
-        raise ValueProblem(f"runner.address: {str(address)!r} accepts connections but no Ray answers within {timeout:g} s "
-                           "(runner.connect_timeout_s); allowed: the address of a running Ray head (ray start --head)") from None
-    finally:
-        channel.close()
+        with socket.create_connection((host, port), timeout=max(timeout, 0.1)) as conn:
+            conn.sendall(HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            frame = conn.recv(9)
+    except TimeoutError:
+        raise silent from None
+    except OSError as exc:
+        raise ValueProblem(f"runner.address: {str(address)!r} cannot be reached ({exc.strerror or type(exc).__name__}); "
+                           "allowed: the address of a running Ray head") from None
+    if len(frame) < 4 or frame[3] != 0x04:
+        raise ValueProblem(f"runner.address: {str(address)!r} answers, but not as Ray does (no gRPC/HTTP2); "
+                           "allowed: the address of a running Ray head (ray start --head)")
 
 
 def check_reachable(cfg: DictConfig) -> None:

@@ -318,6 +318,15 @@ def test_torn_last_line_is_still_tolerated(tmp_path: Path) -> None:
 # --- reachability, bounded in time: the real command -------------------------------------------------
 
 
+_STARTUP = [0.0]
+
+
+@pytest.fixture(autouse=True)
+def _startup(request: pytest.FixtureRequest) -> None:
+    if "silent_listener" in request.fixturenames or "closed" in request.node.name:
+        _STARTUP[0] = request.getfixturevalue("startup_s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -362,11 +371,20 @@ def _hwnas(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], flo
     return proc, time.monotonic() - start
 
 
+@pytest.fixture(scope="module")
+def startup_s(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Seconds the command takes to refuse a plain bad value here (interpreter and imports, on
+    shared cores): what a reachability refusal may take on top of its connect timeout."""
+    proc, took = _hwnas(tmp_path_factory.mktemp("baseline"), "n_trials=0")
+    assert proc.returncode == 2, proc.stderr
+    return took
+
+
 def _assert_refused_in_time(proc: subprocess.CompletedProcess[str], took: float, key: str, tmp: Path) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"hwnas: error: {key}"), proc.stderr
-    assert took < 10, took
+    assert took < 10 or took - _STARTUP[0] < 3 + 2, (took, _STARTUP)
     assert list(tmp.iterdir()) == []
 
 
