@@ -47,7 +47,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise _bad_table(path, f"has suffix {path.suffix!r}")
+        raise ValueError(f"evaluator.table: {str(path)!r} has suffix {path.suffix!r}; allowed: {', '.join(READERS)} ({TABLE_ALLOWED})")
     if path.is_dir():
         raise _bad_table(path, "is a folder")
     if not path.is_file():
@@ -114,10 +114,9 @@ class TabularEvaluator:
         if objectives is not None:
             for name in objectives.names:
                 if name not in self._metric_names:
-                    what = "is not numeric" if name in frame.columns else "is not a column"
                     raise ValueError(
-                        f"evaluator.table: {self.table!r}: objective metric {name!r} {what} there; "
-                        f"allowed: a table whose metric columns are numeric, or one of {', '.join(self._metric_names)}"
+                        f"evaluator.table: {self.table!r}: objective metric {name!r} is not a numeric column; "
+                        f"allowed: {', '.join(self._metric_names)}"
                     )
 
     @property
