@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import nvidia_gpu_present, ort_has_cuda, torch_has_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,17 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(("args", "named"), BAD, ids=[a[0] for a, _ in BAD])
+# Refused only where this machine cannot run it: on one with the CUDA build of onnxruntime it is valid.
+NEEDS_NO_CUDA = {"hardware=cuda": "this onnxruntime has the CUDA EP: hardware=cuda is valid here"}
+
+
+def _case(args: list[str], named: str) -> object:
+    reason = NEEDS_NO_CUDA.get(args[0])
+    marks = [pytest.mark.skipif(ort_has_cuda(), reason=reason)] if reason else []
+    return pytest.param(args, named, id=args[0], marks=marks)
+
+
+@pytest.mark.parametrize(("args", "named"), [_case(a, n) for a, n in BAD])
 def test_bad_value_one_line_exit_2_nothing_written(tmp_path: Path, args: list[str], named: str) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli([*args, f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/m.db"], ROOT)
@@ -48,6 +59,31 @@ def test_bad_value_one_line_exit_2_nothing_written(tmp_path: Path, args: list[st
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.slow  # starts a local Ray (about 8 s on two idle cores) to count its GPUs
+@pytest.mark.skipif(nvidia_gpu_present(), reason="this machine has a GPU: Ray can give a trial one")
+def test_gpu_per_trial_without_a_gpu_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    # Checked against the Ray cluster the sweep joins (a fresh local one here), before any file is written.
+    run_dir = tmp_path / "run"
+    proc = run_cli(["runner.resources.gpu=1", f"run_dir={run_dir}", "tracking.enabled=false"], ROOT)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hwnas: error: runner.resources.gpu"), proc.stderr
+    assert "has 0 GPUs" in lines[0] and "allowed" in lines[0]
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (nvidia_gpu_present() and torch_has_cuda()), reason="needs a GPU that Ray and torch see")
+def test_gpu_per_trial_and_cuda_training_run_where_there_is_a_gpu(tmp_path: Path) -> None:
+    # The positive counterpart of the refusals above: on a GPU machine the same settings run.
+    run_dir = tmp_path / "run"
+    proc = run_cli(["experiment=smoke", "n_trials=2", "runner.resources.gpu=0.5", "evaluator.accelerator=cuda",
+                    f"run_dir={run_dir}", "tracking.enabled=false"], ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = (run_dir / "trials.csv").read_text().splitlines()
+    assert len(trials) == 3 and all(",COMPLETE," in t for t in trials[1:]), trials
 
 
 def test_existing_run_dir_is_refused(tmp_path: Path) -> None:

@@ -190,10 +190,17 @@ def test_bad_evaluator_kwargs(overrides, error, word):
         make_evaluator(**overrides)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: accelerator=cuda is valid")
 def test_cuda_accelerator_without_cuda_fails_instead_of_falling_back():
     with pytest.raises(RuntimeError, match="cuda"):
         make_evaluator(accelerator="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_accelerator_trains_where_there_is_a_gpu(tmp_path):
+    ev = make_evaluator(accelerator="cuda")
+    m = ev.evaluate({"width": 8, "block": "plain", "prune_ratio": 0.0, "quant": "fp32"}, tmp_path).metrics
+    assert 0.8 < m["val_accuracy"] <= 1.0 and m["train_s"] > 0
 
 
 class NaNNet(nn.Module):
