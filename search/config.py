@@ -253,11 +253,28 @@ def check_imports(cfg: DictConfig) -> tuple[str, ...]:
     return plugins
 
 
+def _import_object(dotted: str) -> Any:
+    """The object a dotted name names: the longest importable module prefix, then attributes.
+    (Hydra's get_object does the same but logs a multi-line report of its own on failure.)"""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not ".".join(parts[:i]).startswith(exc.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(f"No module named {parts[0]!r}")
+
+
 def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = ()) -> None:
     """A `_target_` group: the target must be allowed (hwnas.search.plugins) and import, and every key
     must be one of its keyword arguments."""
-    from hydra.utils import get_object
-
     from hwnas.search.plugins import PluginError, check_target
 
     if "_target_" not in node:
@@ -267,9 +284,10 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
     except PluginError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        target = get_object(node._target_)
-    except Exception:
-        raise ConfigError(f"{group}._target_: {node._target_!r} cannot be imported") from None
+        target = _import_object(node._target_)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{group}._target_: {node._target_!r} cannot be imported ({reason})") from None
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return

@@ -371,3 +371,13 @@ def test_check_target_kwargs_never_imports_a_refused_name(canary: Path) -> None:
     with pytest.raises(ConfigError, match="search._target_: 'canary_mod.Evil' is not allowed"):
         check_target_kwargs(OmegaConf.create({"_target_": "canary_mod.Evil"}), "search")
     assert not canary.exists()
+
+
+def test_a_trusted_plugin_that_does_not_import_is_one_line_with_the_reason(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwnas.search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plugins=[nosuchlab]", "search._target_=nosuchlab.Sampler"]) == 2
+    err = capsys.readouterr().err
+    assert err == "hwnas: error: search._target_: 'nosuchlab.Sampler' cannot be imported (No module named 'nosuchlab')\n"
+    assert list(tmp_path.iterdir()) == []
