@@ -283,3 +283,30 @@ def test_both_runners_go_through_the_broker(tmp_path: Path, runner: str) -> None
     assert broker.calls == {"next": 5, "started": 4, "finished": 3, "failed": 1}  # type: ignore[attr-defined]
     assert {t.state for t in broker.study.trials} == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}
     assert broker.in_flight == []
+
+
+def test_a_driver_killed_mid_sweep_resumes_to_exactly_n_trials(tmp_path: Path) -> None:
+    """The driver dies with one trial recorded but not told, and one running: resume finishes both ways."""
+    from hwnas.search.study_record import INTERRUPTED, evaluated_trials, reconcile_study
+
+    sweep = make_sweep(tmp_path, 5)
+    dead = make_broker(sweep)
+    told, untold, running = dead.next(), dead.next(), dead.next()
+    assert told and untold and running
+    dead.finished(told[0], {"acc": 50.0, "latency_ms": 1.0})
+    assert dead.recorder is not None
+    dead.recorder.finished(untold[0], untold[1], {"acc": 60.0, "latency_ms": 2.0}, None, None)  # killed before tell
+    dead.recorder.close()
+
+    study = sweep.create_study()  # a new driver: resume=true
+    retried = reconcile_study(study, rows(sweep), OBJECTIVES)
+    assert retried == [running[1]]
+    resumed = Broker(study, sweep.space, OBJECTIVES, 5, make_broker(sweep).recorder)
+    assert resumed.left() == 3
+    job = resumed.next()
+    assert job == (running[0] + 1, running[1])  # the interrupted candidate, queued, comes first
+    resumed.finished(job[0], {"acc": 70.0, "latency_ms": 1.5})
+    LocalRunner(max_concurrent=1, trial_timeout_s=None).run(sweep, resumed)
+    assert len(rows(sweep)) == 5 and len({r["number"] for r in rows(sweep)}) == 5
+    assert sorted(t.number for t in evaluated_trials(study)) == sorted(r["number"] for r in rows(sweep))
+    assert study.trials[untold[0]].values == [60.0, 2.0] and INTERRUPTED in study.trials[running[0]].user_attrs

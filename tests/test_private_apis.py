@@ -60,8 +60,7 @@ def test_a_frozen_trials_user_attr_and_constraints_through_the_storage(tmp_path:
 
 def test_the_trial_cache_returns_what_get_trials_does() -> None:
     study = optuna.create_study(directions=["maximize"])
-    for i in range(3):
-        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     study.ask()  # a RUNNING one, not COMPLETE
     params = inspect.signature(study._get_trials).parameters
     assert {"deepcopy", "states", "use_cache"} <= set(params)

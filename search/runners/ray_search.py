@@ -34,10 +34,12 @@ class BrokerSearcher(Searcher):
         self._trials = trials  # trial_id -> Ray Trial, filled by StartCallback (for error texts)
         self._numbers: dict[str, int] = {}  # Ray trial_id -> Optuna trial number
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | None:
         job = self._broker.next()
         if job is None:
-            return Searcher.FINISHED  # Tune starts no further trial and ends when the running ones do
+            # Tune starts no further trial and ends when the running ones do (Ray types suggest's
+            # return as a dict or None, though it documents and handles this string).
+            return Searcher.FINISHED  # type: ignore[return-value]
         number, candidate = job
         self._numbers[trial_id] = number
         return {**candidate, NUMBER_KEY: number}
