@@ -2,34 +2,37 @@
 
 Real processes: the sweep runs under Ray in a child process group that the test kills with SIGKILL
 (driver, Ray and trial workers alike, as a lost machine would), then `resume=true` finishes it.
+The kill lands while a trial is running (waited for, then checked in what the dead driver left:
+its Optuna journal and MLflow), so the resume has an interrupted trial to queue again.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
 
 from hwnas.search.study_record import INTERRUPTED, evaluated_trials
 from hwnas.search.sweep_state import SweepState, journal_storage
-
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())"]
+from hwnas.spaces.candidate import arch_id
 
 
-def _lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+def _running_unrecorded(uri: str, run_dir: Path) -> set[int]:
+    """Trials whose MLflow child run is RUNNING and that trials.jsonl does not hold yet: mid-evaluation."""
+    try:
+        _, children = mlflow_runs(uri, "hwnas-smoke")
+    except Exception:  # the store or the experiment is not there yet
+        return set()
+    recorded = {r["number"] for r in read_jsonl(run_dir / "trials.jsonl")}
+    return {int(c.data.tags["trial"]) for c in children if c.info.status == "RUNNING"} - recorded
 
 
 @pytest.mark.slow
@@ -42,37 +45,52 @@ def test_kill_driver_then_resume(tmp_path: Path, runner: str) -> None:
             f"run_dir={run_dir}", f"tracking.uri={uri}"]
     if runner == "ray":
         args.append("runner.max_concurrent=2")
-    proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while len(_lines(run_dir / "trials.jsonl")) < 2:
+        # Two trials recorded, and one (or more) running right now: kill then.
+        while len(read_jsonl(run_dir / "trials.jsonl")) < 2 or not _running_unrecorded(uri, run_dir):
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
+            assert time.monotonic() < deadline, "no trial was seen running after two had finished"
             time.sleep(0.05)
-        time.sleep(0.3)  # land the kill while the next trials are running
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = _lines(run_dir / "trials.jsonl")
+    before = read_jsonl(run_dir / "trials.jsonl")
+    recorded_before = {r["number"] for r in before}
     assert 2 <= len(before) < n
 
-    # A changed search config is refused, naming the key; nothing is touched.
-    refused = subprocess.run([*CLI, *args, "resume=true", "seed=7"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "seed" in refused.stderr
-    assert _lines(run_dir / "trials.jsonl") == before
+    # What the dead driver left says a trial was running at the kill: RUNNING in its Optuna journal
+    # and in MLflow, with no record in trials.jsonl.
+    state = SweepState.load(run_dir)
+    study = optuna.load_study(study_name=state.study_name, storage=journal_storage(run_dir))
+    running_at_kill = {t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING} - recorded_before
+    assert running_at_kill, "the kill landed between trials"
+    mlflow_running_at_kill = _running_unrecorded(uri, run_dir)
+    assert mlflow_running_at_kill and mlflow_running_at_kill <= running_at_kill
 
-    done = subprocess.run([*CLI, *args, "resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # A changed search config is refused, naming the key; nothing is touched.
+    refused = hwnas(*args, "resume=true", "seed=7")
+    assert refused.returncode == 2 and "seed" in refused.stderr
+    assert read_jsonl(run_dir / "trials.jsonl") == before
+
+    done = hwnas(*args, "resume=true", timeout=600)
+    assert done.returncode == 0, output_of(done)
+    # The resume found exactly the trials recorded and the ones cut short.
+    found = re.search(r"resuming .*: (\d+) trials done, (\d+) interrupted trial\(s\) queued again", done.stdout)
+    assert found, done.stdout[-3000:]
+    assert (int(found[1]), int(found[2])) == (len(before), len(running_at_kill))
 
     # trials.csv: exactly N, each trial number once, the ones from before the kill unchanged.
-    rows = _lines(run_dir / "trials.jsonl")
+    rows = read_jsonl(run_dir / "trials.jsonl")
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == n == len(rows)
     assert trials["number"].is_unique
     assert rows[: len(before)] == before
 
     # Optuna: the same N evaluations; every trial completed before the kill is in the study with its values.
-    state = SweepState.load(run_dir)
+    assert SweepState.load(run_dir).parent_run_id == state.parent_run_id
     study = optuna.load_study(study_name=state.study_name, storage=journal_storage(run_dir))
     evaluated = evaluated_trials(study)
     assert sorted(t.number for t in evaluated) == sorted(trials["number"])
@@ -82,20 +100,23 @@ def test_kill_driver_then_resume(tmp_path: Path, runner: str) -> None:
         if row["status"] == "COMPLETE":
             assert t.values == [row["metrics"]["val_accuracy"], row["metrics"]["latency_ms"]]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    interrupted = [t for t in study.trials if INTERRUPTED in t.user_attrs]
-    # each interrupted candidate was evaluated again after the resume (retried, never both missing and counted)
-    for t in interrupted:
-        assert t.number not in set(trials["number"])
+    interrupted = {t.number for t in study.trials if INTERRUPTED in t.user_attrs}
+    # exactly the trials running at the kill were interrupted; none of them is counted, each was
+    # evaluated again after the resume under a new number
+    assert interrupted == running_at_kill
+    assert not interrupted & set(trials["number"])
+    assert len(evaluated) == n
+    after = [r for r in rows if r["number"] not in recorded_before]
+    assert {arch_id(by_number[k].params) for k in interrupted} <= {r["arch_id"] for r in after}
 
-    # MLflow: one parent (the same one), N finished child runs, the killed ones KILLED, nothing RUNNING.
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("hwnas-smoke").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    # MLflow: one parent (the same one), N finished child runs, exactly the ones running at the kill
+    # KILLED, nothing RUNNING.
+    parents, children = mlflow_runs(uri, "hwnas-smoke")
     assert [p.info.run_id for p in parents] == [state.parent_run_id]
     assert parents[0].info.status == "FINISHED"
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     ended = [c for c in children if c.info.status in ("FINISHED", "FAILED")]
     assert sorted(int(c.data.tags["trial"]) for c in ended) == sorted(trials["number"])
     assert all(c.info.status in ("FINISHED", "FAILED", "KILLED") for c in children)
-    killed = {int(c.data.tags["trial"]) for c in children if c.info.status == "KILLED"}
-    assert killed <= {t.number for t in interrupted}
+    killed = sorted(int(c.data.tags["trial"]) for c in children if c.info.status == "KILLED")
+    assert killed == sorted(mlflow_running_at_kill)
+    assert len(children) == n + len(killed)
