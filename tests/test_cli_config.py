@@ -7,9 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import nvidia_gpu_present, ort_has_cuda, torch_has_cuda
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, hwnas, nvidia_gpu_present, ort_has_cuda, torch_has_cuda
 
 BAD = [
     (["foo=1"], "foo"),
@@ -30,11 +28,8 @@ BAD = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "import sys; from hwnas.search.cli import main; sys.exit(main())", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
-    )
+def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return hwnas(*args, timeout=120)  # from the repository root, in its own interpreter
 
 
 # Refused only where this machine cannot run it: on one with the CUDA build of onnxruntime it is valid.
@@ -50,7 +45,7 @@ def _case(args: list[str], named: str) -> object:
 @pytest.mark.parametrize(("args", "named"), [_case(a, n) for a, n in BAD])
 def test_bad_value_one_line_exit_2_nothing_written(tmp_path: Path, args: list[str], named: str) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli([*args, f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/m.db"], ROOT)
+    proc = run_cli([*args, f"run_dir={run_dir}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -66,7 +61,7 @@ def test_bad_value_one_line_exit_2_nothing_written(tmp_path: Path, args: list[st
 def test_gpu_per_trial_without_a_gpu_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     # Checked against the Ray cluster the sweep joins (a fresh local one here), before any file is written.
     run_dir = tmp_path / "run"
-    proc = run_cli(["runner.resources.gpu=1", f"run_dir={run_dir}", "tracking.enabled=false"], ROOT)
+    proc = run_cli(["runner.resources.gpu=1", f"run_dir={run_dir}", "tracking.enabled=false"])
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hwnas: error: runner.resources.gpu"), proc.stderr
@@ -80,7 +75,7 @@ def test_gpu_per_trial_and_cuda_training_run_where_there_is_a_gpu(tmp_path: Path
     # The positive counterpart of the refusals above: on a GPU machine the same settings run.
     run_dir = tmp_path / "run"
     proc = run_cli(["experiment=smoke", "n_trials=2", "runner.resources.gpu=0.5", "evaluator.accelerator=cuda",
-                    f"run_dir={run_dir}", "tracking.enabled=false"], ROOT)
+                    f"run_dir={run_dir}", "tracking.enabled=false"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = (run_dir / "trials.csv").read_text().splitlines()
     assert len(trials) == 3 and all(",COMPLETE," in t for t in trials[1:]), trials
@@ -90,14 +85,14 @@ def test_existing_run_dir_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "trials.jsonl").write_text("{}\n")
-    proc = run_cli([f"run_dir={run_dir}"], ROOT)
+    proc = run_cli([f"run_dir={run_dir}"])
     assert proc.returncode == 2
     assert "run_dir" in proc.stderr
     assert (run_dir / "trials.jsonl").read_text() == "{}\n"  # nothing already computed is touched
 
 
 def test_help_lists_groups() -> None:
-    proc = run_cli(["--help"], ROOT)
+    proc = run_cli(["--help"])
     assert proc.returncode == 0
     for group in ("space", "search", "runner", "hardware"):
         assert group in proc.stdout
