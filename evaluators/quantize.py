@@ -13,6 +13,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from hwnas.spaces.candidate import FORMATS
 
@@ -114,8 +115,11 @@ def compress_onnx(fp32_path: str | Path, fmt: str, calibration: np.ndarray, out_
         if fp32_path.resolve() != out_path.resolve():
             shutil.copyfile(fp32_path, out_path)
     elif fmt == "fp16":
-        model = onnx.load(str(fp32_path))
-        onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out_path))
+        half = OnnxModel(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True))
+        # The converter appends its input/output Casts after the nodes that use them; ONNX requires
+        # topological order (onnx.checker refuses the file, evaluators/onnx_check.py with it).
+        half.topological_sort()
+        onnx.save(half.model, str(out_path))
     else:
         weight_type = QuantType.QInt8 if fmt == "int8" else QuantType.QInt4
         _quantize_static(fp32_path, out_path, calibration, weight_type)

@@ -126,3 +126,13 @@ def test_bad_calibration_array(trained, tmp_path):
     fp32, _, _ = trained
     with pytest.raises(ValueError, match="calibration"):
         compress_onnx(fp32, "int8", np.zeros((0, 1, 16, 16), np.float32), tmp_path / "x.onnx")
+
+
+def test_every_format_is_a_valid_self_contained_onnx_file(trained):
+    # What hwnas writes must pass the same check a model from elsewhere gets (onnx.checker, no
+    # external data): the fp16 converter's Casts used to come after their consumers.
+    from hwnas.evaluators.onnx_check import load_checked
+
+    _, files, _ = trained
+    for fmt, path in files.items():
+        assert load_checked(path) == path.read_bytes(), fmt
