@@ -66,7 +66,7 @@ def check_finite(node: Any, prefix: str = "") -> None:
     """Every float leaf of the tree is finite; the first that is not is named by its dotted key."""
     if isinstance(node, DictConfig):
         for key in node.keys():
-            check_finite(node[key], f"{prefix}{key}.")
+            check_finite(node[key], f"{prefix}{key!s}.")
         return
     if isinstance(node, ListConfig):
         base = prefix[:-1]
@@ -169,7 +169,7 @@ def mapping(fields: Mapping[str, Check]) -> Check:
             raise refuse(key, v, f"a mapping with keys {', '.join(fields)}", "is not a mapping")
         for k in v.keys():
             if k not in fields:
-                raise refuse(f"{key}.{k}", v[k], ", ".join(fields), "is an unknown key")
+                raise refuse(f"{key}.{k!s}", v[k], ", ".join(fields), "is an unknown key")
         for k, sub in fields.items():
             if k in v:
                 sub(f"{key}.{k}", v[k])
@@ -457,7 +457,7 @@ def check_group(node: DictConfig, group: str) -> None:
     for key in node.keys():
         check = fields.get(str(key))
         if check is not None:
-            check(f"{group}.{key}", node[key])
+            check(f"{group}.{key!s}", node[key])
 
 
 # --- a run folder's trial record ---------------------------------------------------------------------

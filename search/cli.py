@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from omegaconf import DictConfig, OmegaConf
-
 from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
 from hwnas.search.launch import compose, driver_threads, prepare, quiet_warnings
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
@@ -48,7 +47,8 @@ def _plugins_arg(args: Sequence[str]) -> list[str]:
     given = [a.lstrip("+") for a in args if a.lstrip("+").startswith("plugins=")]
     if not given:
         return []
-    value = OmegaConf.to_container(OmegaConf.from_dotlist(given[-1:]))["plugins"]  # type: ignore[index]
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist(given[-1:]))
+    value = parsed["plugins"] if isinstance(parsed, dict) else None
     from hwnas.search.plugins import PluginError, check_plugins
 
     try:

@@ -180,8 +180,8 @@ def refusal(key: str, target: Any, group: str | None, where: str = "", run_folde
 
 def check_target(key: str, target: Any, plugins: Sequence[str], where: str = "", run_folder: bool = False) -> None:
     """PluginError unless `target` (at config key `key`, e.g. `search._target_`) may be imported."""
-    group = key.split(".", 1)[0].split("[", 1)[0]
-    group = group if group in TARGET_GROUPS else None
+    top = key.split(".", 1)[0].split("[", 1)[0]
+    group = top if top in TARGET_GROUPS else None
     if not target_allowed(target, group, plugins):
         raise PluginError(refusal(key, target, group, where, run_folder))
 
@@ -252,10 +252,8 @@ def interface_of(group: str) -> tuple[type, str] | None:
 
         return LatencyTarget, "a LatencyTarget (hwnas.evaluators.latency)"
     if group == "runner":
-        try:
-            from hwnas.search.runners.base import Runner
-        except ImportError:  # pragma: no cover  (before the runners' protocol moved)
-            from hwnas.search.runners.sweep import Runner  # type: ignore[no-redef]
+        from hwnas.search.runners.base import Runner
+
         return Runner, "a Runner (hwnas.search.runners.base)"
     return None
 

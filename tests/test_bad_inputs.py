@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from hwnas.search.cli import export_main, main, sync_main
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 GARBAGE = bytes(range(256)) * 8

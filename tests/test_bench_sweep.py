@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from script_module import load_script
-
 from hwnas.spaces.candidate import arch_id, net_id
+from script_module import load_script
 
 bench = load_script("bench_sweep")
 

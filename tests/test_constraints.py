@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-
 from hwnas.evaluators.base import Evaluation
 from hwnas.search.broker import Broker
 from hwnas.search.constraints import violation

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from hwnas.search.tracking import PENDING_FILE
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from hwnas.search.pareto import (
     UNRANKED,
     hypervolume,
@@ -20,6 +17,8 @@ from hwnas.search.pareto import (
     non_dominated_ranks,
     to_minimization,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

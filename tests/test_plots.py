@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.search.plots import plot_hypervolume_curve, plot_pareto
 
