@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)
 WORK = ROOT / "results" / "bench" / "runtime_runs"
 TABLE_METRICS = "objective.metrics=[{name: acc, mode: max}, {name: latency_ms, mode: min}]"

@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
 import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
 from hwnas.evaluators.base import Evaluation  # noqa: E402
 from hwnas.search.broker import Broker  # noqa: E402
+from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
 from hwnas.search.objectives import Objectives  # noqa: E402
 from hwnas.search.runners.local_runner import run_in_process  # noqa: E402
 from hwnas.spaces.candidate import arch_id  # noqa: E402

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
 import optuna  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from hwnas.evaluators.tabular import TabularEvaluator  # noqa: E402
-from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
 from hwnas.evaluators.base import Evaluation  # noqa: E402
+from hwnas.evaluators.tabular import TabularEvaluator  # noqa: E402
 from hwnas.search.broker import Broker  # noqa: E402
+from hwnas.search.config import CONF_DIR, compose_config, validate  # noqa: E402
 from hwnas.search.objectives import Objectives  # noqa: E402
 from hwnas.search.pareto import hypervolume, hypervolume_curve, nadir_reference, non_dominated_mask  # noqa: E402
 from hwnas.search.plots import plot_hypervolume_curve  # noqa: E402

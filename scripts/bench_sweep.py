@@ -33,7 +33,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)

@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-
 from hwnas.evaluators.latency import LatencyTarget, measure_latency  # noqa: E402
 from hwnas.evaluators.onnx_export import export_onnx  # noqa: E402
 from hwnas.evaluators.profile import count_params_macs  # noqa: E402

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from omegaconf import DictConfig, OmegaConf
+
 from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
 from hwnas.search.launch import compose, driver_threads, prepare, quiet_warnings
-from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking

@@ -66,7 +66,7 @@ def check_tracking(cfg: DictConfig) -> None:
                 last = f"HTTP {resp.status}"
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             last = f"no answer within {timeout:g} s (tracking.connect_timeout_s)"
             break
         except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -119,6 +119,7 @@ def make_nb201_table(path: Path, drop: int = 0, without: Iterable[str] = ()) -> 
     strings in `without`; written as CSV or Parquet by `path`'s suffix. Returns the DataFrame."""
     import numpy as np
     import pandas as pd
+
     from hwnas.spaces.nb201 import to_arch_string
 
     rng = np.random.default_rng(0)

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hwnas.search.cli import export_main, main, sync_main
 from omegaconf import OmegaConf
+
+from hwnas.search.cli import export_main, main, sync_main
 
 ROOT = Path(__file__).resolve().parent.parent
 GARBAGE = bytes(range(256)) * 8

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from script_module import load_script
+
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.spaces.nb201 import EDGE_KEYS, to_arch_string
-from script_module import load_script
 
 OPS = ["nor_conv_1x1", "avg_pool_3x3"]  # 64 cells
 BUDGETS = [8, 32, 64]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hwnas.spaces.candidate import arch_id, net_id
 from script_module import load_script
+
+from hwnas.spaces.candidate import arch_id, net_id
 
 bench = load_script("bench_sweep")
 

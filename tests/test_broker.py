@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+
 from hwnas.evaluators.base import Evaluation, Evaluator
 from hwnas.evaluators.tabular import TabularEvaluator
 from hwnas.search.broker import Broker
@@ -262,6 +263,7 @@ def test_both_runners_go_through_the_broker(tmp_path: Path, runner: str) -> None
         LocalRunner(max_concurrent=1, trial_timeout_s=None).run(sweep, broker)
     else:
         import ray
+
         from hwnas.search.runners.ray_runner import RayRunner
 
         # Ray pickles the evaluator for its workers: the plain tabular one (its class is importable there).

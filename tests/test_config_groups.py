@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ort_has_cuda
+from omegaconf import OmegaConf
+
 from hwnas.search.config import GROUPS, ConfigError, compose_config, group_choices, validate
 from hwnas.search.experiment import build_experiment
-from omegaconf import OmegaConf
 
 # Choices that need something this machine or this test does not have; each must fail cleanly.
 NEEDS = {

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
+
 from hwnas.evaluators.base import Evaluation
 from hwnas.search.broker import Broker
 from hwnas.search.constraints import violation

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hwnas.evaluators.data import DigitsData, SyntheticData
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from hwnas.evaluators.data import DigitsData, SyntheticData
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 

@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import copy_run, hwnas, hwnas_export, mlflow_runs, output_of, read_jsonl
-from hwnas.evaluators.onnx_accuracy import onnx_accuracy
-from hwnas.search.pareto import non_dominated_mask
-from hwnas.search.recorder import file_sha256
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
+
+from hwnas.evaluators.onnx_accuracy import onnx_accuracy
+from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.recorder import file_sha256
 
 N_SMOKE = 6
 

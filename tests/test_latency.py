@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ort_has_cuda
-from hwnas.evaluators.latency import LatencyTarget, measure_latency
-from hwnas.evaluators.onnx_export import export_onnx
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+
+from hwnas.evaluators.latency import LatencyTarget, measure_latency
+from hwnas.evaluators.onnx_export import export_onnx
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 SHAPE = (1, 16, 16)

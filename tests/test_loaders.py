@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from hwnas.evaluators.onnx_check import OnnxFileError, load_checked
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,8 +154,9 @@ def test_no_source_unpickles_or_loads_unsafely() -> None:
 def test_resume_reads_no_pickled_optuna_snapshot(tmp_path: Path) -> None:
     # Optuna's journal restores pickled snapshots only from a snapshot-capable backend (Redis);
     # the sweep's journal is a file of JSON lines.
-    from hwnas.search.sweep_state import journal_storage
     from optuna.storages.journal._base import BaseJournalSnapshot
+
+    from hwnas.search.sweep_state import journal_storage
 
     storage = journal_storage(tmp_path)
     assert not isinstance(storage._backend, BaseJournalSnapshot)

@@ -9,10 +9,11 @@ import optuna
 import pytest
 import torch
 import torch_pruning as tp
+from omegaconf import OmegaConf
+
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import arch_id
 from hwnas.spaces.macro_cnn import MacroCNNSpace
-from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "space" / "macro_cnn.yaml"
 KWARGS = dict(

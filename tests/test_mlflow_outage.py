@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hwnas.search.tracking import PENDING_FILE
 from mlflow.tracking import MlflowClient
+
+from hwnas.search.tracking import PENDING_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,8 @@ import optuna
 import pytest
 import torch
 import torch_pruning as tp
+from omegaconf import OmegaConf
+
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.nb201 import (
     EDGE_KEYS,
@@ -22,7 +24,6 @@ from hwnas.spaces.nb201 import (
     nb201_unique_str,
     to_arch_string,
 )
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "space" / "nb201.yaml"

@@ -6,6 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hwnas.search.pareto import (
     UNRANKED,
     hypervolume,
@@ -17,8 +20,6 @@ from hwnas.search.pareto import (
     non_dominated_ranks,
     to_minimization,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
 from hwnas.evaluators.base import Evaluation
 from hwnas.evaluators.data import SyntheticData
 from hwnas.evaluators.latency import LatencyTarget
 from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.evaluators.pipeline import STEPS, PipelineEvaluator
 from hwnas.evaluators.train import fit
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from torch import nn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CASES = [(q, r) for q in ("fp32", "fp16", "int8") for r in (0.0, 0.5)]

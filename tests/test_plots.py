@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.search.plots import plot_hypervolume_curve, plot_pareto
 

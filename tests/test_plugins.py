@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
 from hwnas.search import cli
 from hwnas.search.config import ConfigError, compose_config, validate
 from hwnas.search.plugins import shipped_targets
 from hwnas.search.sweep_state import STATE_FILE
-from omegaconf import OmegaConf
 
 CANARY = '''
 import os, pathlib

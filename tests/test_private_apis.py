@@ -19,10 +19,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
+
 from hwnas.search.constraints import set_constraints, violation
 from hwnas.search.study_record import INTERRUPTED
 from hwnas.search.sweep_state import journal_storage
-from optuna.trial import TrialState
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 WRITTEN_AGAINST = {"optuna": "5.0.0", "ray": "2.60.0"}

@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from hwnas.evaluators.profile import count_params_macs
 from hwnas.evaluators.prune import prune
-from torch import nn
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, groups: int = 1) -> list[nn.Module]:

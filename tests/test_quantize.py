@@ -6,12 +6,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
 from hwnas.evaluators.data import DigitsData
 from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.evaluators.onnx_export import export_onnx
 from hwnas.evaluators.quantize import FORMATS, compress_onnx
 from hwnas.evaluators.train import fit
-from torch import nn
 
 
 def digits_cnn() -> nn.Module:

@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
+
 from hwnas.search.study_record import INTERRUPTED, evaluated_trials
 from hwnas.search.sweep_state import SweepState, journal_storage
 from hwnas.spaces.candidate import arch_id

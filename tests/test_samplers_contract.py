@@ -16,9 +16,10 @@ import hydra.utils
 import numpy as np
 import optuna
 import pytest
+from omegaconf import OmegaConf
+
 from hwnas.search.samplers import RegularizedEvolutionSampler, RLControllerSampler
 from hwnas.spaces.candidate import canonical
-from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "search"
 SAMPLERS = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -286,8 +287,9 @@ def test_evolution_rejects_bad_arguments(kwargs: dict[str, Any], needle: str) ->
 
 
 def test_rl_grids_respect_step_log_and_bin_caps() -> None:
-    from hwnas.search.samplers._discretize import grid
     from optuna.distributions import FloatDistribution, IntDistribution
+
+    from hwnas.search.samplers._discretize import grid
 
     assert grid(IntDistribution(8, 64, step=8), n_bins=4, max_int_bins=32) == [8, 16, 24, 32, 40, 48, 56, 64]
     wide = grid(IntDistribution(1, 10_000, log=True), n_bins=4, max_int_bins=32)

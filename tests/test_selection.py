@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from hwnas.search.selection import RULES, select, within_budgets
 
 NAN = np.nan

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from hwnas.evaluators.tabular import TabularEvaluator
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.spaces.nb201 import EDGE_KEYS, NB201Space, from_arch_string, to_arch_string

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hwnas.search.tracking import MlflowStore, Tracking
 
 METRICS = {"val_accuracy": 0.91, "latency_ms": 0.42}

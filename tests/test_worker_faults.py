@@ -31,6 +31,7 @@ from conftest import (
     read_jsonl,
 )
 from conftest import mlflow_runs as children_runs
+
 from hwnas.spaces.nb201 import EDGE_KEYS, to_arch_string
 
 T = TypeVar("T")

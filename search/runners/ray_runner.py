@@ -40,7 +40,8 @@ class RayRunner:
         trial_timeout_s: float | None,
         connect_timeout_s: float = 15.0,
     ) -> None:
-        from hwnas.search.checks import CONNECT_TIMEOUT, address as check_address, integer, mapping, number
+        from hwnas.search.checks import CONNECT_TIMEOUT, integer, mapping, number
+        from hwnas.search.checks import address as check_address
 
         # The same checks as `hwnas` runs on the config, for a RayRunner built in Python.
         integer(1, 100_000)("runner.max_concurrent", max_concurrent)
