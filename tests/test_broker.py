@@ -7,7 +7,6 @@ and the real tabular evaluator over a small CSV; both runners are checked to go 
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from conftest import NB201_OPS, nb201_cells
 
 from hwnas.evaluators.base import Evaluation, Evaluator
 from hwnas.evaluators.tabular import TabularEvaluator
@@ -31,11 +31,11 @@ from hwnas.search.study_record import DUPLICATE
 from hwnas.search.trial_log import TrialLog
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import arch_id
-from hwnas.spaces.nb201 import EDGE_KEYS, NB201Space, to_arch_string
+from hwnas.spaces.nb201 import NB201Space, to_arch_string
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-OPS = ["nor_conv_3x3", "skip_connect"]
-CELLS = [dict(zip(EDGE_KEYS, ops, strict=True)) for ops in itertools.product(OPS, repeat=len(EDGE_KEYS))]
+OPS = list(NB201_OPS)
+CELLS = nb201_cells()
 OBJECTIVES = Objectives(("acc", "latency_ms"), ("max", "min"), {"latency_ms": ("upper", 3.0)})
 
 

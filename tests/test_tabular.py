@@ -2,46 +2,28 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import NB201_METRICS, NB201_OPS, make_nb201_table
 
 from hwnas.evaluators.tabular import TabularEvaluator
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.spaces.nb201 import EDGE_KEYS, NB201Space, from_arch_string, to_arch_string
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ["nor_conv_3x3", "skip_connect"]  # 2 ops on 6 edges: 64 cells
-METRICS = "objective.metrics=[{name: acc, mode: max}, {name: latency_ms, mode: min}]"
+OPS = list(NB201_OPS)  # 2 ops on 6 edges: 64 cells
+METRICS = NB201_METRICS
+make_table = make_nb201_table
 
 
 def space() -> NB201Space:
     return NB201Space(ops=OPS, C=4, N=1, prune_ratios=[0.0], quant=["fp32"])
-
-
-def make_table(path: Path, drop: int = 0) -> pd.DataFrame:
-    """Every cell of the 2-op space with random numbers (minus the first `drop` cells)."""
-    rng = np.random.default_rng(0)
-    cells = [dict(zip(EDGE_KEYS, ops, strict=True)) for ops in itertools.product(OPS, repeat=len(EDGE_KEYS))]
-    frame = pd.DataFrame({
-        "arch": [to_arch_string(c) for c in cells],
-        "acc": rng.uniform(10, 95, len(cells)).round(3),
-        "latency_ms": rng.uniform(0.2, 5.0, len(cells)),
-        "params": rng.integers(1000, 100000, len(cells)),
-        "note": "synthetic",  # not numeric: not a metric
-    }).iloc[drop:]
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_csv(path, index=False)
-    return frame
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -108,7 +108,7 @@ def running_trainable(driver: int) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("max_failures", [0, 1])
 def test_worker_killed_mid_trial(tmp_path: Path, max_failures: int) -> None:
-    run_dir, uri, n = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db", 3
+    run_dir, uri, n = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db", 2
     log = open(tmp_path / "hwnas.log", "w")
     driver = subprocess.Popen(
         hwnas_command(
