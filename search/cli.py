@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 USAGE = """usage: hwnas [override ...]     e.g. hwnas search=nsga2 n_trials=40 runner.max_concurrent=2 objective.latency_budget_ms=1.0
        hwnas --cfg [override ...]   print the composed config and exit
+       hwnas --config-dir DIR [override ...]   also read your own config files from DIR (e.g. DIR/experiment/mine.yaml)
 config groups (pick one with group=choice):
 {groups}
-top-level keys: experiment_name, n_trials, seed, run_dir, resume; any key of a group as group.key=value"""
+top-level keys: experiment_name, n_trials, seed, run_dir, resume, plugins; any key of a group as group.key=value
+plugins=[mylab]: trust _target_s under the module mylab (hwnas' own classes need none)"""
 
 
 def _usage() -> str:
