@@ -88,40 +88,42 @@ def compose_config(overrides: Sequence[str], config_name: str = "config") -> Dic
     if config_dir is not None:
         _check_user_config_dir(config_dir)
         searchpath = [f"hydra.searchpath=[{config_dir.as_uri()}]"]
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=[*overrides, *searchpath])
+        return _compose(config_name, [*overrides, *searchpath])
     except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as exc:
         # Some Hydra errors (a key under a list, `+key` that exists) name no override: find the one.
         message = _hydra_message(exc)
         if not _names_an_override(message, overrides):
-            message = _culprit_message(overrides, config_name, message)
+            message = _culprit_message(overrides, config_name, message, searchpath)
         raise ConfigError(message) from None
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Hydra's compose over the shipped conf/, with no global Hydra state left behind."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
-    return cfg
 
 
 def _names_an_override(message: str, overrides: Sequence[str]) -> bool:
     return any(message.startswith(item.lstrip("+~").split("=", 1)[0]) for item in overrides)
 
 
-def _culprit_message(overrides: Sequence[str], config_name: str, fallback: str) -> str:
-    """Compose with one override at a time; name the first that fails on its own, with Hydra's reason."""
+def _culprit_message(overrides: Sequence[str], config_name: str, fallback: str, searchpath: Sequence[str]) -> str:
+    """Compose with one override at a time (and the user's --config-dir, as the run would); name the
+    first that fails on its own, with Hydra's reason."""
     for item in overrides:
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                compose(config_name=config_name, overrides=[item])
+            _compose(config_name, [item, *searchpath])
         except Exception as exc:  # noqa: BLE001 - any failure of this override alone names it
             key = item.lstrip("+~").split("=", 1)[0] or item
             reason = _hydra_message(exc).replace("\n", " ")
             if _names_an_override(reason, [item]):
                 return reason
             return f"{key}: {item!r} cannot be applied ({reason}); allowed: key=VALUE for a key in hwnas --cfg, +key=VALUE for a new one, ~key to delete"
-        finally:
-            GlobalHydra.instance().clear()
     return f"overrides: {fallback}; allowed: key=VALUE for a key in hwnas --cfg"
 
 
@@ -167,7 +169,7 @@ def validate(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config could not be resolved: {str(exc).splitlines()[0]}") from None
-    check_imports(cfg)
+    plugins = check_imports(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required (??? in conf/) but not set; allowed: give it as {missing[0]}=VALUE")
@@ -175,12 +177,12 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key; allowed: {', '.join(sorted(TOP_LEVEL))}")
     try:
-        _check_values(cfg)
+        _check_values(cfg, plugins)
     except ValueError as exc:  # checks.ValueProblem: already one line naming key, value, what is allowed
         raise ConfigError(str(exc)) from None
 
 
-def _check_values(cfg: DictConfig) -> None:
+def _check_values(cfg: DictConfig, plugins: Sequence[str]) -> None:
     from hwnas.search import checks
 
     for key in sorted({"experiment_name", "n_trials", "seed", "run_dir", "resume", *GROUPS} - {str(k) for k in cfg.keys()}):
@@ -208,7 +210,7 @@ def _check_values(cfg: DictConfig) -> None:
 
     _choice(cfg.select, "rule", RULES, "select")
     for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
-        check_target_kwargs(cfg[group], group, tuple(cfg.get("plugins") or ()))
+        check_target_kwargs(cfg[group], group, plugins)
         checks.check_group(cfg[group], group)
 
 

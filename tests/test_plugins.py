@@ -381,3 +381,16 @@ def test_a_trusted_plugin_that_does_not_import_is_one_line_with_the_reason(capsy
     err = capsys.readouterr().err
     assert err == "hwnas: error: search._target_: 'nosuchlab.Sampler' cannot be imported (No module named 'nosuchlab')\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_override_is_named_even_beside_an_experiment_from_config_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hydra's "already at" error names no override: each is tried alone to find it, with the user's
+    # --config-dir too (without it, experiment=mine itself failed and was blamed).
+    from hwnas.search.cli import main
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\nn_trials: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config-dir", str(tmp_path / "conf"), "experiment=mine", "+seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hwnas: error: seed: '+seed=3' cannot be applied") and err.count("\n") == 1
