@@ -120,7 +120,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         from hwnas.search.experiment import build_experiment
 
         built = build_experiment(cfg)
-        _check_folder_and_server(cfg, run_dir)
+        _check_trial_log(run_dir)
+        _check_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
     from hwnas.evaluators.onnx_check import OnnxFileError
@@ -156,16 +157,14 @@ def _check_trial_log(run_dir: Path) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _check_folder_and_server(cfg: DictConfig, run_dir: Path, pending_only: bool = False) -> None:
-    """hwnas-export / hwnas-sync: trials.jsonl is the record hwnas wrote, and the tracking server the
-    folder's parent run lives on answers within tracking.connect_timeout_s; ConfigError otherwise."""
-    from hwnas.search import checks, reach
+def _check_server(cfg: DictConfig, run_dir: Path, pending_only: bool = False) -> None:
+    """hwnas-export / hwnas-sync: the tracking server the folder's parent run lives on answers within
+    tracking.connect_timeout_s (for sync, only when operations wait); ConfigError otherwise."""
+    from hwnas.search import reach
     from hwnas.search.sweep_state import STATE_FILE
     from hwnas.search.tracking import PENDING_FILE
-    from hwnas.search.trial_log import TRIALS_JSONL
 
     try:
-        checks.check_trial_log(run_dir / TRIALS_JSONL)
         talks = cfg.tracking.enabled and (run_dir / STATE_FILE).is_file()
         if talks and (not pending_only or (run_dir / PENDING_FILE).is_file()):
             reach.check_tracking(cfg)
@@ -214,7 +213,7 @@ def sync_main(argv: Sequence[str] | None = None) -> int:
         cfg.run_dir = str(run_dir)
         cfg.resume = False
         validate(cfg)  # the same value rules as hwnas, for the saved config and tracking.uri=
-        _check_folder_and_server(cfg, run_dir, pending_only=True)
+        _check_server(cfg, run_dir, pending_only=True)
     except ConfigError as exc:
         return _fail("hwnas-sync", str(exc))
     tracking = _saved_tracking(cfg, run_dir)
