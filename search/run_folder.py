@@ -30,7 +30,7 @@ PENDING_OPS = frozenset({
     "op_trial_started", "op_trial_ended", "op_tag_trial", "op_end_run", "op_set_running",
     "op_sweep_outputs", "op_register",
 })
-PENDING_FILE = "mlflow_pending.jsonl"
+PENDING_FILE = "mlflow_pending.jsonl"  # hwnas.search.tracking.PENDING_FILE: named again so this check imports no MLflow
 
 
 def _strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:

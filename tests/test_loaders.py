@@ -160,3 +160,9 @@ def test_resume_reads_no_pickled_optuna_snapshot(tmp_path: Path) -> None:
 
     storage = journal_storage(tmp_path)
     assert not isinstance(storage._backend, BaseJournalSnapshot)
+
+
+def test_the_run_folder_check_names_the_pending_file_tracking_writes() -> None:
+    from hwnas.search import run_folder, tracking
+
+    assert run_folder.PENDING_FILE == tracking.PENDING_FILE
