@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hwnas.evaluators.data import ArrayData
+from hwnas.evaluators.data import DataRecipe
 from hwnas.evaluators.training_options import check_accelerator
 
 
@@ -57,17 +57,19 @@ class ClassifierModule(pl.LightningModule):
 
 
 class SplitsDataModule(pl.LightningDataModule):
-    """The Lightning face of a dataset's fixed splits (`evaluators.data.ArrayData`)."""
+    """The Lightning face of a dataset's fixed splits (`evaluators.data.DataRecipe`); `seed` orders and
+    augments the training batches (the trial's seed, so a re-evaluated candidate sees the same batches)."""
 
-    def __init__(self, data: ArrayData) -> None:
+    def __init__(self, data: DataRecipe, seed: int) -> None:
         super().__init__()
         self.data = data
+        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
-        self.data.setup()  # idempotent: the arrays are made once per process
+        self.data.setup()  # idempotent: opens the memory-mapped cache once per process
 
     def train_dataloader(self) -> DataLoader:
-        return self.data.loader("train", shuffle=True)
+        return self.data.loader("train", shuffle=True, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self.data.loader("val", shuffle=False)
@@ -95,7 +97,7 @@ def _quiet_lightning() -> None:
 
 def fit(
     model: nn.Module,
-    data: ArrayData,
+    data: DataRecipe,
     *,
     epochs: int,
     lr: float,
@@ -131,5 +133,5 @@ def fit(
         # No validation loop (ClassifierModule has no validation_step, so Lightning skips the data
         # module's val loader and says so): accuracy is measured on the exported file with ONNX Runtime.
         warnings.filterwarnings("ignore", message=".*no `validation_step`.*")
-        trainer.fit(module, datamodule=SplitsDataModule(data))
+        trainer.fit(module, datamodule=SplitsDataModule(data, seed))
     return module.model.cpu().eval()

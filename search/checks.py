@@ -352,12 +352,18 @@ def _quant() -> Check:
 
 def _data(extra: Mapping[str, Check]) -> dict[str, Check]:
     return {
-        "resolution": integer(8, 1024),
-        "channels": one_of(1, 3),
+        "resolution": nullable(integer(8, 1024)),
+        "channels": nullable(one_of(1, 3)),
         "val_fraction": FRACTION,
         "test_fraction": FRACTION,
         "batch_size": integer(1, 65536),
         "seed": SEED,
+        "augment": boolean,
+        "crop_padding": integer(0, 256),
+        "hflip": boolean,
+        "splits": nullable(text),
+        "cache_dir": nullable(text),
+        "fingerprint": nullable(text),
         **extra,
     }
 
@@ -374,6 +380,13 @@ def _schema() -> dict[str, dict[str, Check]]:
         "hwnas.evaluators.data.SyntheticData": _data({
             "n_samples": integer(20, 10_000_000), "num_classes": integer(2, 100_000), "noise": number(0, 1e6),
         }),
+        "hwnas.evaluators.data.ImageFolderData": _data({
+            "path": text, "resize": one_of("crop", "stretch"), "decode_workers": nullable(integer(1, 1024)),
+        }),
+        "hwnas.evaluators.data.NpzData": _data({"path": text}),
+        "hwnas.evaluators.data.Cifar10Data": _data({"path": text}),
+        "hwnas.evaluators.data.Cifar100Data": _data({"path": text, "label": one_of("fine", "coarse")}),
+        "hwnas.evaluators.data.LightningData": _data({}),
         "hwnas.spaces.macro_cnn.MacroCNNSpace": {
             "n_stages": choices(integer(1, MAX_STAGES), f"integers 1..{MAX_STAGES}"),
             "depths": choices(integer(1, 64), "integers 1..64"),

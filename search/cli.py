@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 from omegaconf import DictConfig, OmegaConf
 
 from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
-from hwnas.search.launch import compose, driver_threads, prepare, quiet_warnings
+from hwnas.search.launch import compose, driver_threads, prepare, prepare_data, quiet_warnings
 
 if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
@@ -121,6 +121,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
         built = build_experiment(cfg)
         _check_trial_log(run_dir)
+        # The data the run was made with (its fingerprint is pinned in config.yaml), read into a
+        # private cache: nothing decoded in the handed-over folder is trusted.
+        built.data = prepare_data(built, None)
         _check_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))

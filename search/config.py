@@ -290,15 +290,27 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{group}._target_: {node._target_!r} cannot be imported ({reason})") from None
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    allowed = accepted_keys(target)
+    if allowed is None:
         return
-    allowed = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"self"}
     for key in node.keys():
         if key in ("_target_", "_partial_", "_convert_", "_recursive_"):
             continue
         if key not in allowed:
             raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
+
+
+def accepted_keys(target: Any) -> set[str] | None:
+    """The keyword arguments `target` takes; a class's `**kwargs` passed up to its base's __init__
+    (the datasets' shared options) are followed. None when some callable takes any keyword."""
+    functions = [vars(c)["__init__"] for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    keys: set[str] = set()
+    for function in functions:
+        params = inspect.signature(function).parameters
+        keys |= {k for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return keys
+    return None
 
 
 def _check_keys(node: DictConfig, where: str, allowed: set[str], optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
 
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Built:
     sweep: Sweep
     runner: Any
     objectives: Objectives
+    data: dict[str, Any] | None = None  # the data's summary once prepared (launch.prepare_data)
 
 
 def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -131,6 +134,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
 
         # The folder is untrusted input: checked targets, no interpolation, its own plugins ignored.
         saved_cfg = load_run_config(run_dir / CONFIG_FILE, tuple(cfg.get("plugins") or ()))
+        _pin_fingerprint(cfg, saved_cfg)
         saved = flatten(OmegaConf.to_container(saved_cfg, resolve=True))  # type: ignore[arg-type]
         now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         differ = sorted(
@@ -148,6 +152,15 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _pin_fingerprint(cfg: DictConfig, saved: DictConfig) -> None:
+    """Resuming continues on the data the run was made with: the saved fingerprint is expected of the
+    data now (checked when the data is prepared: changed files or split are refused, naming the dataset)."""
+    dataset = saved.get("dataset")
+    pinned = dataset.get("fingerprint") if isinstance(dataset, DictConfig) else None
+    if pinned is not None and "fingerprint" in cfg.dataset and cfg.dataset.fingerprint is None:
+        cfg.dataset.fingerprint = pinned
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -159,7 +172,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_tracking(cfg: DictConfig, run_dir: Path, state: SweepState | None) -> tuple[Tracking | None, SweepState]:
+def data_params(data: dict[str, Any] | None) -> dict[str, Any]:
+    """The data's identity and normalisation as parent-run params (data.json holds the rest)."""
+    if data is None:
+        return {}
+    norm = data["normalization"]
+    return {
+        "data.fingerprint": data["fingerprint"],
+        "data.kind": data["kind"],
+        "data.input_shape": "x".join(map(str, data["input_shape"])),
+        "data.classes": len(data["classes"]),
+        **{f"data.{split}_items": n for split, n in data["splits"].items()},
+        "data.norm_scale": norm["scale"],
+        "data.norm_mean": ",".join(f"{v:.6g}" for v in norm["mean"]),
+        "data.norm_std": ",".join(f"{v:.6g}" for v in norm["std"]),
+    }
+
+
+def open_tracking(
+    cfg: DictConfig, run_dir: Path, state: SweepState | None, data: dict[str, Any] | None = None
+) -> tuple[Tracking | None, SweepState]:
     """Start (or, resuming, reopen) the sweep's parent run. Fails here, before any trial, if MLflow is unreachable."""
     study_name = state.study_name if state else cfg.experiment_name
     if not cfg.tracking.enabled:
@@ -174,8 +206,9 @@ def open_tracking(cfg: DictConfig, run_dir: Path, state: SweepState | None) -> t
             return tracking, state
         parent = store.create_sweep(
             run_name=run_dir.name,
-            params=flatten(OmegaConf.to_container(cfg, resolve=True)),  # type: ignore[arg-type]
-            tags={"sampler": cfg.search._target_.rsplit(".", 1)[-1], "run_dir": str(run_dir.resolve())},
+            params={**flatten(OmegaConf.to_container(cfg, resolve=True)), **data_params(data)},  # type: ignore[arg-type]
+            tags={"sampler": cfg.search._target_.rsplit(".", 1)[-1], "run_dir": str(run_dir.resolve()),
+                  **({"data_fingerprint": data["fingerprint"]} if data else {})},
         )
     except Exception as exc:
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {cfg.tracking.uri!r} ({type(exc).__name__}); allowed: a reachable server or sqlite:///PATH") from None
@@ -204,11 +237,13 @@ def run_sweep(built: Built) -> int:
     cfg, sweep = built.cfg, built.sweep
     sweep.run_dir.mkdir(parents=True, exist_ok=True)
     state = SweepState.load(sweep.run_dir) if cfg.resume else None
-    tracking, state = open_tracking(cfg, sweep.run_dir, state)
+    tracking, state = open_tracking(cfg, sweep.run_dir, state, built.data)
     if cfg.resume:
         state.resumed_at.append(time.time())
     else:
         (sweep.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if built.data is not None:
+        (sweep.run_dir / DATA_FILE).write_text(json.dumps(built.data, indent=1))
     state.save(sweep.run_dir)
     sweep.study_name = state.study_name
     rows = TrialLog(sweep.run_dir).rows()

@@ -105,6 +105,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _data_summary(evaluator: Any) -> dict[str, Any] | None:
+    data = getattr(evaluator, "data", None)
+    if data is None or not hasattr(data, "summary"):
+        return None
+    summary = dict(data.summary())
+    summary.pop("cache", None)  # where this machine keeps its decoded copy: not part of the model
+    return summary
+
+
 def export_model(run_dir: Path, cfg: DictConfig, row: dict[str, Any], evaluator: Any) -> dict[str, Any]:
     """Copy the chosen trial's measured file to export/, verify it, and write its model card."""
     out = run_dir / EXPORT_DIR
@@ -119,6 +128,8 @@ def export_model(run_dir: Path, cfg: DictConfig, row: dict[str, Any], evaluator:
         "selection": {"rule": cfg.select.rule, "objective": OmegaConf.to_container(cfg.objective, resolve=True)},
         "hardware": OmegaConf.to_container(cfg.hardware, resolve=True),
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        # What a deployment must feed the model: classes in output order, input shape, normalisation.
+        "data": _data_summary(evaluator),
         "seed": cfg.seed,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "libraries": library_versions(),
@@ -181,6 +192,8 @@ def finalize(
         for r in rows:
             tracker.tag_trial(r["number"], {"pareto": str(r["pareto"]).lower()})
         paths = [run_dir / "trials.csv", run_dir / "pareto.csv", run_dir / "config.yaml"]
+        if (run_dir / "data.json").is_file():
+            paths.append(run_dir / "data.json")  # fingerprint, classes, normalisation, splits
         if plot is not None:
             paths.append(plot)
         if card is not None:

@@ -7,11 +7,13 @@ each gets the same validation and the same one-line `ConfigError` before anythin
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from hwnas.search.config import ConfigError, compose_config, validate
 
@@ -50,8 +52,9 @@ def prepare(cfg: DictConfig) -> Built:
 
     Order: the values (`compose`), the run folder and every object the sweep needs (checked, not
     created), then whether the tracking server and the Ray address answer (each bounded by its
-    connect_timeout_s); only then anything with a side effect: Ray starts, and after it the run
-    folder and the MLflow store (`run_sweep`)."""
+    connect_timeout_s); then the data (read, checked and decoded once into its cache: bad data is
+    refused here); only then Ray starts, and after it the run folder's records and the MLflow store
+    (`run_sweep`). A refusal after the data cache was written removes the run folder it made."""
     from hwnas.search.experiment import build_experiment, prepare_run_dir
     from hwnas.search.reach import check_reachable
 
@@ -61,16 +64,75 @@ def prepare(cfg: DictConfig) -> Built:
         check_reachable(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    start = getattr(built.runner, "start", None)
-    if start is not None:
-        warm = _warm_up(cfg)
-        try:
-            start()  # join or start Ray and check the cluster before anything is written
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        finally:
-            warm.join()
+    run_dir = Path(cfg.run_dir)
+    made_run_dir = not run_dir.exists()
+    try:
+        built.data = prepare_data(built, data_cache_root(cfg, built.runner))
+        start = getattr(built.runner, "start", None)
+        if start is not None:
+            warm = _warm_up(cfg)
+            try:
+                start()  # join or start Ray and check the cluster before anything is written
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            finally:
+                warm.join()
+    except BaseException:
+        if made_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return built
+
+
+def data_cache_root(cfg: DictConfig, runner: Any) -> Path:
+    """Where the decoded data lives: beside the trials, so every node that sees them sees it
+    (`runner.storage` on a cluster, else the run folder); `dataset.cache_dir` overrides both."""
+    storage = getattr(runner, "storage", None)
+    run_dir = Path(cfg.run_dir)
+    return (Path(storage).resolve() / run_dir.resolve().name if storage else run_dir) / "data"
+
+
+def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None:
+    """Read, check, split, fingerprint and decode the evaluator's data once, in the driver; fit the
+    space to its input shape; pin the fingerprint in the config (config.yaml, MLflow, resume's drift
+    check). `cache_root` None: a private cache (hwnas-export reads no cache from a handed-over folder).
+    None when the evaluator reads no data (a benchmark table)."""
+    from hwnas.evaluators.data import DataError
+    from hwnas.spaces.base import fit_input
+
+    data = getattr(built.sweep.evaluator, "data", None)
+    if data is None or not hasattr(data, "prepare"):
+        return None
+    try:
+        if cache_root is None:
+            data.setup()
+            summary: dict[str, Any] = data.summary()
+        else:
+            summary = data.prepare(cache_root)
+        notes = fit_input(built.sweep.space, data.input_shape)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError as exc:  # the space cannot hold this input at all
+        raise ConfigError(str(exc)) from None
+    for note in notes:
+        print(f"[hwnas] {note}")
+    if "fingerprint" in built.cfg.dataset:
+        with open_dict(built.cfg):
+            built.cfg.dataset.fingerprint = summary["fingerprint"]
+    print(f"[hwnas] data: {describe_data(summary)}")
+    return summary
+
+
+def describe_data(summary: dict[str, Any]) -> str:
+    sizes = summary["splits"]
+    cache = summary["cache"]
+    made = "reused" if cache["reused"] else f"decoded in {cache['decode_s']:.1f} s"
+    where = summary.get("path") or summary.get("module") or ""
+    return (
+        f"{summary['kind']} {where} - {sum(sizes.values())} items (train {sizes['train']}, val {sizes['val']}, "
+        f"test {sizes['test']}), {len(summary['classes'])} classes, input {'x'.join(map(str, summary['input_shape']))}, "
+        f"fingerprint {summary['fingerprint']}; cache {made} ({cache['path']})"
+    ).replace("  ", " ")
 
 
 def _warm_up(cfg: DictConfig) -> threading.Thread:

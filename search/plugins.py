@@ -94,7 +94,8 @@ def shipped_targets() -> dict[str, frozenset[str]]:
     out["search"].update(OPTUNA_SAMPLERS)
     for group in TARGET_GROUPS:
         for path in sorted((root / group).glob("*.yaml")):
-            out[group].update(str(t) for _, t in iter_targets(_load_yaml(path)))
+            # `???` (a target the user must give, e.g. dataset=lightning's module) allows nothing.
+            out[group].update(str(t) for _, t in iter_targets(_load_yaml(path)) if t != "???")
     for path in sorted((root / "experiment").glob("*.yaml")):
         for where, target in iter_targets(_load_yaml(path)):
             group = where.split(".", 1)[0].split("[", 1)[0]

@@ -22,3 +22,11 @@ class SearchSpace(Protocol):
 
     def build(self, candidate: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """Build the (uncompressed, float32) network. Same candidate + same torch seed -> same model."""
+
+
+def fit_input(space: Any, input_shape: tuple[int, int, int]) -> list[str]:
+    """Let a space adapt to the data before any candidate is sampled (optional `fit_input` method):
+    e.g. drop stage counts a small input cannot hold. Returns what changed, one note per line;
+    ValueError when no candidate of the space fits the input."""
+    fit = getattr(space, "fit_input", None)
+    return list(fit(input_shape)) if fit is not None else []

@@ -132,6 +132,30 @@ class MacroCNNSpace:
         for block in self.blocks:
             self.block_choices += [f"ir{e}" for e in self.expansions] if block == "ir" else [block]
 
+    def max_stages(self, height: int, width: int) -> int:
+        """Most stages an input holds: the stem and every stage halve it, ending at >= 1 px."""
+        stages, size = 0, min(height, width) // self.stem_stride
+        while stages < MAX_STAGES and size >= 2:
+            stages, size = stages + 1, size // 2
+        return stages
+
+    def fit_input(self, input_shape: tuple[int, int, int]) -> list[str]:
+        """Keep the stage counts the data's resolution holds (called once the data is known, before any
+        sampling): 4 stages at 32 px end at 1x1; at 16 px the 4th would have nothing left to halve."""
+        _, height, width = input_shape
+        most = self.max_stages(height, width)
+        kept = [n for n in self.n_stages if n <= most]
+        if not kept:
+            raise ValueError(
+                f"space.n_stages: none of {self.n_stages} fits a {height}x{width} input with stem_stride "
+                f"{self.stem_stride}; allowed: n_stages <= {most} (or a higher dataset.resolution)"
+            )
+        dropped = [n for n in self.n_stages if n > most]
+        self.n_stages = kept
+        if not dropped:
+            return []
+        return [f"space.n_stages: {dropped} dropped: a {height}x{width} input holds at most {most} stages (stem stride {self.stem_stride})"]
+
     def stage_choices(self) -> dict[str, list[Any]]:
         return {
             "depth": self.depths,

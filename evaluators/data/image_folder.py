@@ -1,0 +1,199 @@
+"""A folder of images in the ImageFolder convention: `DIR/<class>/**/<image>`, class names in sorted order.
+
+PNG, JPEG, BMP and WebP, any mode (L, RGB, RGBA, palette, 16-bit grey) and any size. Every file is
+read once per sweep to hash it (the fingerprint) and read its header; pixels are decoded only when
+the cache for this fingerprint, resolution and channel count does not exist yet — in parallel
+processes that write straight into the memory-mapped cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hwnas.evaluators.data.base import POOL, DataError, Scan
+from hwnas.evaluators.data.recipe import CachedData
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+COLOUR_MODES = {"P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
+RESIZE_MODES = ("crop", "stretch")
+# Below this many images, decoding in this process beats starting worker processes.
+PARALLEL_FROM = 2000
+
+
+def _allowed() -> str:
+    return ", ".join(e.lstrip(".") for e in EXTENSIONS)
+
+
+def _bad_image(name: str, why: str) -> DataError:
+    return DataError(f"dataset.path: image {name!r} cannot be read ({why}); allowed: a complete {_allowed()} file")
+
+
+def _header(root: Path, name: str) -> tuple[str, str, tuple[int, int]]:
+    """(sha256 of the file's bytes, image mode, (height, width)) — Pillow reads only the header here."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = (root / name).read_bytes()
+    if not data:
+        raise _bad_image(name, "empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            mode, (width, height) = img.mode, img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _bad_image(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+    if mode not in GREY_MODES | COLOUR_MODES:
+        raise DataError(
+            f"dataset.path: image {name!r} has mode {mode!r}, which cannot be reconciled with grey or RGB images; "
+            "allowed: 8- or 16-bit grey, palette, RGB(A), CMYK"
+        )
+    return hashlib.sha256(data).hexdigest(), mode, (height, width)
+
+
+def _to_array(img: Any, channels: int) -> np.ndarray:
+    """H×W×C uint8 of any supported mode: alpha dropped (composited on black by dropping), 16-bit scaled."""
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if grey.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
+        img = Image.fromarray(np.clip(np.round(grey / scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    img = img.convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def decode_file(path: Path, name: str, resolution: int, channels: int, resize: str) -> np.ndarray:
+    """channels×R×R uint8 of one image file; DataError naming the file when it does not decode completely."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if resize == "crop" and img.format == "JPEG":
+                img.draft("RGB" if channels == 3 else "L", (resolution, resolution))  # decode at a reduced scale
+            img.load()  # a truncated file fails here, not later
+            width, height = img.size
+            if resize == "crop":
+                side = min(width, height)
+                left, top = (width - side) // 2, (height - side) // 2
+                box = (left, top, left + side, top + side)
+            else:
+                box = (0, 0, width, height)
+            array = _to_array(img, channels)
+            resized = Image.fromarray(array[:, :, 0] if channels == 1 else array).resize(
+                (resolution, resolution), Image.Resampling.BILINEAR, box=box
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _bad_image(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+    out = np.asarray(resized, dtype=np.uint8)
+    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+def decode_chunk(x_path: str, root: str, start: int, names: list[str], resolution: int, channels: int, resize: str) -> None:
+    """Decode `names` into rows start.. of the cache file (a worker process's share)."""
+    out = np.load(x_path, mmap_mode="r+")
+    for i, name in enumerate(names):
+        out[start + i] = decode_file(Path(root) / name, name, resolution, channels, resize)
+    out.flush()
+
+
+class ImageFolderData(CachedData):
+    """`dataset=image_folder dataset.path=DIR`: one sub-folder per class, images resized to `resolution`."""
+
+    kind = "image_folder"
+
+    def __init__(self, *, path: str, resize: str = "crop", decode_workers: int | None = None, **common: Any) -> None:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"dataset.path: {path!r} is not a path; allowed: a folder with one sub-folder per class")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"dataset.resize: {resize!r} is unknown; allowed: {', '.join(RESIZE_MODES)}")
+        if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1):
+            raise ValueError(f"dataset.decode_workers: {decode_workers!r} is invalid; allowed: an int >= 1 or null (all cores)")
+        super().__init__(**common)
+        self.path = path
+        self.resize = resize
+        self.decode_workers = decode_workers
+
+    def _root(self) -> Path:
+        return Path(self.path).expanduser()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._root().resolve())}
+
+    def _decode_settings(self) -> dict[str, Any]:
+        return {"resize": self.resize}
+
+    def _index(self) -> tuple[list[str], list[str], np.ndarray]:
+        """(class names, relative image paths, labels), sorted; DataError on an unusable layout."""
+        root = self._root()
+        if not root.is_dir():
+            raise DataError(f"dataset.path: {str(root)!r} is not a folder; allowed: a folder with one sub-folder of images per class")
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise DataError(f"dataset.path: {str(root)!r} has no class sub-folders; allowed: one sub-folder of images per class")
+        if len(classes) < 2:
+            raise DataError(f"dataset.path: {str(root)!r} has a single class ({classes[0]!r}); allowed: at least two class sub-folders")
+        names: list[str] = []
+        labels: list[int] = []
+        for label, cls in enumerate(classes):
+            found = []
+            for folder, dirs, files in os.walk(root / cls):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                rel = Path(folder).relative_to(root)
+                found += [(rel / f).as_posix() for f in files if not f.startswith(".") and f.lower().endswith(EXTENSIONS)]
+            if not found:
+                raise DataError(f"dataset.path: class folder {cls!r} holds no images; allowed: {_allowed()} files in every class folder")
+            found.sort()
+            names += found
+            labels += [label] * len(found)
+        return classes, names, np.asarray(labels, dtype=np.int64)
+
+    def _scan(self) -> Scan:
+        classes, names, labels = self._index()
+        root = self._root()
+        # Threads: reading and hashing files is I/O and hashlib (both release the GIL).
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            headers = list(pool.map(lambda n: _header(root, n), names, chunksize=64))
+        digest = hashlib.sha256()
+        for name, label, (file_hash, _, _) in zip(names, labels, headers, strict=True):
+            digest.update(f"{name}\0{label}\0{file_hash}\n".encode())
+        colour = any(mode in COLOUR_MODES for _, mode, _ in headers)
+        sizes = {size for _, _, size in headers}
+        return Scan(
+            labels=labels, classes=classes, content_hash=digest.hexdigest(),
+            own_split=np.full(len(names), POOL, dtype=np.int8), channels=3 if colour else 1, dtype="uint8",
+            names=names, native_size=next(iter(sizes)) if len(sizes) == 1 else None,
+        )
+
+    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
+        assert scan.names is not None
+        names, root = scan.names, str(self._root())
+        workers = self.decode_workers or os.cpu_count() or 1
+        if workers == 1 or len(names) < PARALLEL_FROM:
+            for i, name in enumerate(names):
+                out[i] = decode_file(Path(root) / name, name, resolution, channels, self.resize)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        out.flush()
+        x_path = str(Path(out.filename))  # type: ignore[attr-defined]
+        step = max(256, len(names) // (workers * 8))
+        # spawn: the driver may hold threads and torch's OpenMP state, which fork would copy half-made.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [
+                pool.submit(decode_chunk, x_path, root, start, names[start : start + step], resolution, channels, self.resize)
+                for start in range(0, len(names), step)
+            ]
+            for future in futures:
+                future.result()  # the first DataError (naming its file) stops the sweep before any trial
