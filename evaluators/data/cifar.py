@@ -46,7 +46,9 @@ class _CifarBinary(CachedData):
         for folder in (given, given / self.folder_name):
             if all((folder / name).is_file() for name in (*self.train_files, *self.test_files)):
                 return folder
-        missing = next(n for n in (*self.train_files, *self.test_files) if not (given / n).is_file())
+        # Name the file missing where the user put the batches (the unpacked folder when there is one).
+        near = given / self.folder_name if (given / self.folder_name).is_dir() else given
+        missing = next(n for n in (*self.train_files, *self.test_files) if not (near / n).is_file())
         raise DataError(
             f"dataset.path: {str(given)!r} has no {missing} (nor {self.folder_name}/{missing}); allowed: the folder of the "
             f"{self.kind} binary distribution ({', '.join((*self.train_files, *self.test_files))})"

@@ -287,7 +287,8 @@ class CachedData:
 
     def loader(self, split: str, *, shuffle: bool, seed: int | None = None) -> DataLoader:
         """Batches of one split for torch/Lightning, read from the memory-mapped cache a batch at a
-        time; training batches (shuffle=True) are augmented when `augment` is on, seeded by `seed`."""
+        time; shuffled batches of the train split are augmented when `augment` is on, seeded by `seed`
+        (val and test never are, shuffled or not)."""
         import torch
         from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -295,7 +296,7 @@ class CachedData:
         seed = self.seed if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         order = RandomSampler(range(len(idx)), generator=generator) if shuffle else SequentialSampler(range(len(idx)))
-        batches = _Batches(self, idx, augment=shuffle and self.augment, seed=seed)
+        batches = _Batches(self, idx, augment=split == "train" and shuffle and self.augment, seed=seed)
         # batch_size=None: the sampler hands whole index lists to _Batches, which reads one slice of
         # the memmap per batch instead of one item at a time.
         return DataLoader(batches, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None, num_workers=0)

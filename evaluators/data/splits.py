@@ -92,6 +92,9 @@ def read_split_file(path: str | Path, names: Sequence[str]) -> np.ndarray:
             f"dataset.splits: {file.name} does not list {len(missing)} item(s), e.g. {names[missing[0]]!r}; "
             "allowed: every item exactly once"
         )
+    for code, split in enumerate(SPLITS):
+        if not (codes == code).any():
+            raise DataError(f"dataset.splits: {file.name} puts no item in {split}; allowed: items in train, val and test")
     return codes
 
 
