@@ -781,7 +781,7 @@ def _label_byte_10(top: Path) -> Path:
         (_no_batch_3, ["has no data_batch_3.bin"]),
         (_no_batch_3_from_parent, ["has no data_batch_3.bin"]),
         (_nine_names, ["batches.meta.txt names 9 classes"]),
-        (_label_byte_10, ["label byte is 10"]),
+        (_label_byte_10, ["test_batch.bin record 1 has label 10", "allowed: 0..9"]),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else None,
 )

@@ -83,12 +83,33 @@ class _CifarBinary(CachedData):
         records = np.concatenate(parts)
         return records, np.concatenate(codes), folder  # type: ignore[return-value]
 
+    def _files_and_counts(self, folder: Path) -> list[tuple[str, int]]:
+        return [(name, (folder / name).stat().st_size // self.record) for name in (*self.train_files, *self.test_files)]
+
+    def _file_of(self, folder: Path, index: int) -> str:
+        for name, count in self._files_and_counts(folder):
+            if index < count:
+                return name
+            index -= count
+        return "?"
+
+    def _record_in_file(self, folder: Path, index: int) -> int:
+        for _, count in self._files_and_counts(folder):
+            if index < count:
+                return index
+            index -= count
+        return index
+
     def _scan(self) -> Scan:
         records, own, folder = self._read()
         labels = records[:, self._label_column()].astype(np.int64)
         classes = self._classes(folder, int(labels.max()) + 1)  # type: ignore[arg-type]
         if labels.max() >= len(classes):
-            raise DataError(f"dataset.path: a label byte is {int(labels.max())}, out of range for {len(classes)} classes")
+            bad = int(np.argmax(labels >= len(classes)))
+            raise DataError(
+                f"dataset.path: {self._file_of(folder, bad)} record {self._record_in_file(folder, bad)} has label "  # type: ignore[arg-type]
+                f"{int(labels[bad])}; allowed: 0..{len(classes) - 1} for {self.kind}"
+            )
         digest = hashlib.sha256(records.tobytes())
         digest.update(repr(classes).encode())
         return Scan(

@@ -101,7 +101,7 @@ def decode_file(path: Path, name: str, resolution: int, channels: int, resize: s
 
 def decode_chunk(x_path: str, root: str, start: int, names: list[str], resolution: int, channels: int, resize: str) -> None:
     """Decode `names` into rows start.. of the cache file (a worker process's share)."""
-    out = np.load(x_path, mmap_mode="r+")
+    out = np.load(x_path, mmap_mode="r+", allow_pickle=False)
     for i, name in enumerate(names):
         out[start + i] = decode_file(Path(root) / name, name, resolution, channels, resize)
     out.flush()
@@ -195,5 +195,31 @@ class ImageFolderData(CachedData):
                 pool.submit(decode_chunk, x_path, root, start, names[start : start + step], resolution, channels, self.resize)
                 for start in range(0, len(names), step)
             ]
-            for future in futures:
-                future.result()  # the first DataError (naming its file) stops the sweep before any trial
+            try:
+                _wait_with_progress(futures, len(names), step)
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # a bad file ends the decode now, not after every other chunk
+                raise
+
+
+def _wait_with_progress(futures: list[Any], total: int, step: int) -> None:
+    """Wait for every chunk; a progress line every ~10 s (decoding a large folder takes minutes).
+    The first DataError (naming its file) stops the sweep before any trial."""
+    import sys
+    import time
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    started = last = time.monotonic()
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=10.0, return_when=FIRST_EXCEPTION)
+        for future in done:
+            future.result()
+        now = time.monotonic()
+        if pending and now - last >= 10.0:
+            finished = min(total, (len(futures) - len(pending)) * step)
+            rate = finished / (now - started)
+            eta = (total - finished) / rate if rate > 0 else float("nan")
+            print(f"[hwnas] data: decoded {finished}/{total} images, {rate:.0f}/s, ETA {eta:.0f} s", file=sys.stderr)
+            last = now

@@ -118,6 +118,8 @@ class CachedData:
         names = scan.names if scan.names is not None else [str(i) for i in range(len(scan.labels))]
         if self.splits is not None:
             split = read_split_file(self.splits, names)
+            if len(np.unique(scan.labels[split == TRAIN])) < 2:
+                raise DataError(f"dataset.splits: {Path(self.splits).name} puts a single class in train; allowed: at least two")
         else:
             split = assign(
                 scan.labels, scan.own_split, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed
