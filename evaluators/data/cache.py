@@ -47,7 +47,7 @@ def new_folder(root: Path, key: str) -> Path:
     return tmp
 
 
-def allocate(folder: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+def allocate(folder: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
     """A writable memory-mapped x.npy (a real .npy: np.load reads it without pickle)."""
     return np.lib.format.open_memmap(folder / "x.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
 

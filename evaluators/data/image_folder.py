@@ -186,8 +186,10 @@ class ImageFolderData(CachedData):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        if not isinstance(out, np.memmap) or out.filename is None:
+            raise TypeError("parallel decoding writes into the cache file: `out` must be its np.memmap")
         out.flush()
-        x_path = str(Path(out.filename))  # type: ignore[attr-defined]
+        x_path = str(Path(out.filename))
         step = max(256, len(names) // (workers * 8))
         # spawn: the driver may hold threads and torch's OpenMP state, which fork would copy half-made.
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:

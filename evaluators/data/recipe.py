@@ -13,7 +13,7 @@ import hashlib
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -301,7 +301,7 @@ class CachedData:
         batches = _Batches(self, idx, augment=split == "train" and shuffle and self.augment, seed=seed)
         # batch_size=None: the sampler hands whole index lists to _Batches, which reads one slice of
         # the memmap per batch instead of one item at a time.
-        return DataLoader(batches, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None, num_workers=0)
+        return DataLoader(cast(Any, batches), sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None, num_workers=0)
 
     def __getstate__(self) -> dict[str, Any]:
         # Ship the recipe and where its cache is, not the arrays: workers memory-map the cache.
@@ -370,7 +370,7 @@ def hash_arrays(*arrays: np.ndarray) -> str:
     for a in arrays:
         a = np.ascontiguousarray(a)
         digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
+        digest.update(a.data)  # the buffer itself: no copy of a large array
     return digest.hexdigest()
 
 
