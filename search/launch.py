@@ -114,6 +114,8 @@ def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None
         raise ConfigError(str(exc)) from None
     except ValueError as exc:  # the space cannot hold this input at all
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # a source file that cannot be read, a cache folder that cannot be written
+        raise ConfigError(_data_os_error(exc, built.cfg)) from None
     for note in notes:
         print(f"[hwnas] {note}")
     if "fingerprint" in built.cfg.dataset:
@@ -121,6 +123,20 @@ def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None
             built.cfg.dataset.fingerprint = summary["fingerprint"]
     print(f"[hwnas] data: {describe_data(summary)}")
     return summary
+
+
+def _data_os_error(exc: OSError, cfg: DictConfig) -> str:
+    """One line for an OSError while the data was read or its cache written, naming the key it comes from."""
+    file = str(exc.filename) if exc.filename else ""
+    source = cfg.dataset.get("path")
+    reading = bool(source and file) and Path(file).resolve().is_relative_to(Path(str(source)).expanduser().resolve())
+    if reading:
+        key, allowed = "dataset.path", "files this user can read"
+    elif cfg.dataset.get("cache_dir"):
+        key, allowed = "dataset.cache_dir", "a folder this user can write, or null (the run folder)"
+    else:
+        key, allowed = "dataset", "a readable data source and a writable run_dir (or dataset.cache_dir)"
+    return f"{key}: {type(exc).__name__}: {exc.strerror or exc}{f' ({file!r})' if file else ''}; allowed: {allowed}"
 
 
 def describe_data(summary: dict[str, Any]) -> str:

@@ -102,12 +102,17 @@ class LightningData(CachedData):
         return self._read
 
     def _materialise(self, module: Any, split: str, n_classes: int, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        import pytorch_lightning as pl
         import torch
 
         target = self.module_config["_target_"]
         where = f"dataset.module: {target}.{split}_dataloader()"
+        hook = getattr(module, f"{split}_dataloader", None)
         try:
-            loader = getattr(module, f"{split}_dataloader")()
+            # A hook the module does not define is Lightning's own, which raises MisconfigurationException
+            # when called: the module has no such loader (val / test are then cut from train).
+            defined = hook is not None and getattr(hook, "__func__", hook) is not getattr(pl.LightningDataModule, f"{split}_dataloader")
+            loader = hook() if defined else None
         except NotImplementedError:
             loader = None
         except Exception as exc:
