@@ -121,9 +121,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
         built = build_experiment(cfg)
         _check_trial_log(run_dir)
-        # The data the run was made with (its fingerprint is pinned in config.yaml), read into a
-        # private cache: nothing decoded in the handed-over folder is trusted.
-        built.data = prepare_data(built, None)
+        # The data the run was made with (its fingerprint is pinned in config.yaml), decoded into a
+        # fresh private folder: nothing decoded in the handed-over run folder, or in a shared temp
+        # folder someone else could write, is trusted (dataset.cache_dir, the user's own, is).
+        built.data = prepare_data(built, _private_cache())
         _check_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
@@ -148,6 +149,16 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     if tracking is not None:
         tracking.flush(force=True)
     return 0
+
+
+def _private_cache() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="hwnas-export-data-"))  # mode 0700, a new name
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _check_trial_log(run_dir: Path) -> None:

@@ -64,10 +64,12 @@ def prepare(cfg: DictConfig) -> Built:
         check_reachable(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    run_dir = Path(cfg.run_dir)
-    made_run_dir = not run_dir.exists()
+    cache_root = data_cache_root(cfg, built.runner)
+    # Folders this call creates (the run folder; on a cluster also its folder in runner.storage):
+    # removed again if the sweep is refused before it starts.
+    made = [d for d in dict.fromkeys((Path(cfg.run_dir), cache_root.parent)) if not d.exists()]
     try:
-        built.data = prepare_data(built, data_cache_root(cfg, built.runner))
+        built.data = prepare_data(built, cache_root)
         start = getattr(built.runner, "start", None)
         if start is not None:
             warm = _warm_up(cfg)
@@ -78,8 +80,8 @@ def prepare(cfg: DictConfig) -> Built:
             finally:
                 warm.join()
     except BaseException:
-        if made_run_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     return built
 
@@ -95,7 +97,7 @@ def data_cache_root(cfg: DictConfig, runner: Any) -> Path:
 def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None:
     """Read, check, split, fingerprint and decode the evaluator's data once, in the driver; fit the
     space to its input shape; pin the fingerprint in the config (config.yaml, MLflow, resume's drift
-    check). `cache_root` None: a private cache (hwnas-export reads no cache from a handed-over folder).
+    check). `cache_root` None: the recipe's own per-user cache.
     None when the evaluator reads no data (a benchmark table)."""
     from hwnas.evaluators.data import DataError
     from hwnas.spaces.base import fit_input

@@ -46,7 +46,8 @@ class LightningData(CachedData):
         from omegaconf import OmegaConf
 
         # Plain data (the node is already checked by the plug-in policy): picklable to workers.
-        self.module_config = OmegaConf.to_container(module, resolve=True) if OmegaConf.is_config(module) else dict(module)
+        plain = OmegaConf.to_container(module, resolve=True) if OmegaConf.is_config(module) else dict(module)
+        self.module_config: dict[str, Any] = dict(plain)  # type: ignore[arg-type]
         self._read: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None = None
 
     def _describe(self) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class LightningData(CachedData):
             # A hook the module does not define is Lightning's own, which raises MisconfigurationException
             # when called: the module has no such loader (val / test are then cut from train).
             defined = hook is not None and getattr(hook, "__func__", hook) is not getattr(pl.LightningDataModule, f"{split}_dataloader")
-            loader = hook() if defined else None
+            loader = hook() if defined and hook is not None else None
         except NotImplementedError:
             loader = None
         except Exception as exc:

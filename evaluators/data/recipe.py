@@ -184,7 +184,7 @@ class CachedData:
         if self._cache is not None:
             return
         if self._prepared is None:
-            self.prepare(Path(tempfile.gettempdir()) / "hwnas-data-cache")
+            self.prepare(user_cache_root())
             return
         folder = Path(self._prepared["cache"])
         if not (folder / cache_io.META).is_file():
@@ -310,6 +310,19 @@ class CachedData:
         state["_memo"] = {}
         state["load_seconds"] = 0.0
         return state
+
+
+def user_cache_root() -> Path:
+    """This user's own cache for data no driver prepared (notebooks, tests): `<tmp>/hwnas-data-<uid>`,
+    mode 0700 and owned by this user, so no one else can plant a cache in it."""
+    import os
+
+    folder = Path(tempfile.gettempdir()) / f"hwnas-data-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise DataError(f"data cache {str(folder)!r} is not this user's private folder; allowed: set dataset.cache_dir")
+    return folder
 
 
 class _Batches:
