@@ -522,32 +522,45 @@ def test_parallel_decode_writes_the_same_cache(tmp_path, monkeypatch):
         save(root / "abc"[i % 3] / f"{i:03d}.png", noise(i, size))
     serial = folder_data(root, resolution=8, decode_workers=1).prepare(tmp_path / "serial")
     monkeypatch.setattr(image_folder_module, "PARALLEL_FROM", 10)
-    calls: list[int] = []
-    real_chunk = image_folder_module.decode_chunk
-    from concurrent.futures.process import ProcessPoolExecutor as RealPool
-
-    class Recording:  # the parallel path submits decode_chunk to worker processes: count the submissions
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            self.pool = RealPool(*a, **kw)
-
-        def __enter__(self) -> Recording:
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            self.pool.shutdown()
-
-        def submit(self, fn: Any, *args: Any) -> Any:
-            assert fn is real_chunk
-            calls.append(args[2])
-            return self.pool.submit(fn, *args)
-
-    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", Recording)
     parallel = folder_data(root, resolution=8, decode_workers=2).prepare(tmp_path / "parallel")
-    assert calls == [0, 256]
+    # Two decode_worker processes wrote their shares straight into the cache file.
+    assert (serial["cache"]["decode_workers"], parallel["cache"]["decode_workers"]) == (1, 2)
     assert parallel["fingerprint"] == serial["fingerprint"]
     folders = [Path(s["cache"]["path"]) for s in (serial, parallel)]
     for name in ("x.npy", "y.npy", "split.npy"):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+
+
+def test_parallel_decode_names_a_bad_file_and_leaves_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    for i in range(40):
+        save(root / "ab"[i % 2] / f"{i:03d}.png", noise(i, (12, 12)))
+    bad = root / "b" / "031.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a header and half a chunk: decodes only partly
+    monkeypatch.setattr(image_folder_module, "PARALLEL_FROM", 10)
+    refused(folder_data(root, resolution=8, decode_workers=2), tmp_path / "cache", "b/031.png")
+
+
+def test_parallel_decode_from_a_script_without_a_main_guard(tmp_path):
+    # multiprocessing's spawn would run this script again in every child (and prepare again, forever);
+    # the decode workers are plain `python -m` processes, so it runs once.
+    import subprocess
+    import sys
+
+    root = tmp_path / "d"
+    for i in range(24):
+        save(root / "ab"[i % 2] / f"{i:03d}.png", noise(i, (10, 10)))
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from hwnas.evaluators.data import ImageFolderData, image_folder\n"
+        "image_folder.PARALLEL_FROM = 1\n"
+        f"d = ImageFolderData(path={str(root)!r}, resolution=8, channels=None, val_fraction=0.2, test_fraction=0.2,"
+        " batch_size=8, seed=0, decode_workers=2)\n"
+        f"print('prepared', d.prepare({str(tmp_path / 'cache')!r})['cache']['decode_workers'])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("prepared") == 1 and proc.stdout.strip().endswith("2"), proc.stdout
 
 
 # ---- 7. augmentation ----

@@ -99,14 +99,6 @@ def decode_file(path: Path, name: str, resolution: int, channels: int, resize: s
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
 
-def decode_chunk(x_path: str, root: str, start: int, names: list[str], resolution: int, channels: int, resize: str) -> None:
-    """Decode `names` into rows start.. of the cache file (a worker process's share)."""
-    out = np.load(x_path, mmap_mode="r+", allow_pickle=False)
-    for i, name in enumerate(names):
-        out[start + i] = decode_file(Path(root) / name, name, resolution, channels, resize)
-    out.flush()
-
-
 class ImageFolderData(CachedData):
     """`dataset=image_folder dataset.path=DIR`: one sub-folder per class, images resized to `resolution`."""
 
@@ -175,53 +167,88 @@ class ImageFolderData(CachedData):
             names=names, native_size=next(iter(sizes)) if len(sizes) == 1 else None,
         )
 
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
+    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> dict[str, Any] | None:
         assert scan.names is not None
         names, root = scan.names, str(self._root())
         workers = self.decode_workers or os.cpu_count() or 1
         if workers == 1 or len(names) < PARALLEL_FROM:
             for i, name in enumerate(names):
                 out[i] = decode_file(Path(root) / name, name, resolution, channels, self.resize)
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
+            return {"decode_workers": 1}
         if not isinstance(out, np.memmap) or out.filename is None:
             raise TypeError("parallel decoding writes into the cache file: `out` must be its np.memmap")
         out.flush()
-        x_path = str(Path(out.filename))
-        step = max(256, len(names) // (workers * 8))
-        # spawn: the driver may hold threads and torch's OpenMP state, which fork would copy half-made.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [
-                pool.submit(decode_chunk, x_path, root, start, names[start : start + step], resolution, channels, self.resize)
-                for start in range(0, len(names), step)
-            ]
-            try:
-                _wait_with_progress(futures, len(names), step)
-            except BaseException:
-                for future in futures:
-                    future.cancel()  # a bad file ends the decode now, not after every other chunk
-                raise
+        _decode_in_processes(str(Path(out.filename)), root, names, resolution, channels, self.resize, workers)
+        return {"decode_workers": workers}
 
 
-def _wait_with_progress(futures: list[Any], total: int, step: int) -> None:
-    """Wait for every chunk; a progress line every ~10 s (decoding a large folder takes minutes).
-    The first DataError (naming its file) stops the sweep before any trial."""
+def _decode_in_processes(
+    x_path: str, root: str, names: list[str], resolution: int, channels: int, resize: str, workers: int
+) -> None:
+    """Split `names` into `workers` contiguous shares, one `decode_worker` process each, writing straight
+    into the cache file; a progress line every ~10 s; the first bad file stops them all (DataError)."""
+    import json
+    import subprocess
     import sys
+    import tempfile
+    import threading
     import time
-    from concurrent.futures import FIRST_EXCEPTION, wait
 
-    started = last = time.monotonic()
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=10.0, return_when=FIRST_EXCEPTION)
-        for future in done:
-            future.result()
-        now = time.monotonic()
-        if pending and now - last >= 10.0:
-            finished = min(total, (len(futures) - len(pending)) * step)
-            rate = finished / (now - started)
-            eta = (total - finished) / rate if rate > 0 else float("nan")
-            print(f"[hwnas] data: decoded {finished}/{total} images, {rate:.0f}/s, ETA {eta:.0f} s", file=sys.stderr)
-            last = now
+    bounds = np.linspace(0, len(names), workers + 1).astype(int)
+    done = [0] * workers
+    procs: list[tuple[subprocess.Popen[str], Any]] = []
+
+    def count(i: int, stream: Any) -> None:
+        for line in stream:
+            if line.strip().isdigit():
+                done[i] += int(line)
+
+    readers = []
+    try:
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block on it
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hwnas.evaluators.data.decode_worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+            )
+            procs.append((proc, err))
+            assert proc.stdin is not None
+            job = {"x_path": x_path, "root": root, "start": int(a), "names": names[a:b],
+                   "resolution": resolution, "channels": channels, "resize": resize}
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            reader = threading.Thread(target=count, args=(i, proc.stdout), daemon=True)
+            reader.start()
+            readers.append(reader)
+        started = last = time.monotonic()
+        while any(p.poll() is None for p, _ in procs):
+            for proc, err in procs:
+                if proc.returncode not in (None, 0):
+                    raise _worker_failed(proc.returncode, err)
+            time.sleep(0.2)
+            now = time.monotonic()
+            if now - last >= 10.0:
+                finished = sum(done)
+                rate = finished / (now - started)
+                eta = (len(names) - finished) / rate if rate > 0 else float("nan")
+                print(f"[hwnas] data: decoded {finished}/{len(names)} images, {rate:.0f}/s, ETA {eta:.0f} s", file=sys.stderr)
+                last = now
+        for proc, err in procs:
+            if proc.returncode != 0:
+                raise _worker_failed(proc.returncode, err)
+    finally:
+        for proc, err in procs:
+            if proc.poll() is None:
+                proc.kill()  # a bad file ends the decode now, not after every other share
+                proc.wait()
+            err.close()
+        for reader in readers:
+            reader.join(timeout=5)
+
+
+def _worker_failed(returncode: int, err: Any) -> DataError:
+    err.seek(0)
+    lines = [line.strip() for line in err.read().splitlines() if line.strip()]
+    if returncode == 2 and lines:
+        return DataError(lines[-1])  # the worker's own one-line DataError, naming the file
+    return DataError(f"dataset.path: an image decoding process failed (exit {returncode}: {lines[-1][:200] if lines else 'no message'})")

@@ -94,7 +94,8 @@ class CachedData:
     def _scan(self) -> Scan:
         raise NotImplementedError
 
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
+    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> dict[str, Any] | None:
+        """Fill `out`; may return facts for the cache's meta.json (e.g. how many processes decoded)."""
         raise NotImplementedError
 
     def _decode_settings(self) -> dict[str, Any]:
@@ -143,13 +144,14 @@ class CachedData:
             tmp = cache_io.new_folder(root, key)
             try:
                 x = cache_io.allocate(tmp, (len(scan.labels), *shape), scan.dtype)
-                self._decode(scan, x, resolution, channels)
+                facts = self._decode(scan, x, resolution, channels) or {}
                 x.flush()
                 mean, std = cache_io.channel_stats(x, np.flatnonzero(split == TRAIN), 255.0 if scan.dtype == "uint8" else 1.0)
                 del x
                 meta = {
                     "fingerprint": fingerprint, "classes": scan.classes, "shape": list(shape), "dtype": scan.dtype,
                     "mean": mean, "std": std, "decode_s": time.perf_counter() - decode_started, "items": len(scan.labels),
+                    **facts,
                 }
                 folder = cache_io.commit(tmp, root, key, scan.labels, split, meta)
             except BaseException:
@@ -250,6 +252,7 @@ class CachedData:
             "cache": {
                 "path": str(cache.path), "dtype": cache.meta["dtype"], "reused": self._prepared["reused_cache"],
                 "decode_s": cache.meta["decode_s"], "scan_s": self._prepared["scan_s"],
+                "decode_workers": cache.meta.get("decode_workers"),
             },
         }
 
