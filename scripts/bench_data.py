@@ -31,11 +31,11 @@ library versions and the command line. WORK is a fresh temporary folder unless `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing
 import os
-import pickle
 import platform
 import shutil
 import statistics
@@ -221,7 +221,7 @@ def train_batches(evaluator: Any, candidate: Mapping[str, Any]) -> int:
 
 def run_trial(evaluator: Any, candidate: dict[str, Any], trial_dir: Path) -> dict[str, Any]:
     """One evaluation on a fresh copy of the evaluator (what a Ray worker unpickles)."""
-    fresh = pickle.loads(pickle.dumps(evaluator))
+    fresh = copy.deepcopy(evaluator)  # through __getstate__, as pickling to a worker: no cache, no arrays
     cpu_before, wall_before = time.process_time(), time.perf_counter()
     ev = fresh.evaluate(candidate, trial_dir)
     wall = time.perf_counter() - wall_before
