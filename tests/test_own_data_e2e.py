@@ -4,7 +4,7 @@ match the data; resume and hwnas-export refuse changed data; bad data is refused
 
 Every data set here is written by the test (nothing is downloaded). The sweeps are as small as a
 sweep gets (smoke space, 2 trials, one epoch, width 8, 3 timed latency runs); the image folder runs
-with Ray and MLflow in full, the other sources in one parametrized test.
+with Ray and MLflow in full, the other sources in one parametrized test (also on Ray).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ SOURCES = {
 
 
 @pytest.mark.parametrize("source", [
-    pytest.param("npz", marks=pytest.mark.slow),  # ~11 s each: the array sources run with the slow tests
+    pytest.param("npz", marks=pytest.mark.slow),  # ~25 s each with Ray: the array sources run with the slow tests
     pytest.param("cifar10", marks=pytest.mark.slow),
     "lightning",
 ])
@@ -212,7 +212,8 @@ def test_other_sources_sweep_and_export(tmp_path: Path, source: str) -> None:
     elif source == "cifar10":
         write_cifar10(tmp_path / "cifar")
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
-    proc = hwnas(*TINY, *overrides(tmp_path), "runner=local", f"run_dir={run_dir}", f"tracking.uri={uri}",
+    # Ray, like the image folder: the decoded cache must reach Tune's worker processes for every source.
+    proc = hwnas(*TINY, *overrides(tmp_path), "runner=ray", f"run_dir={run_dir}", f"tracking.uri={uri}",
                  timeout=600, env=PLUGIN_ENV)
     assert proc.returncode == 0, output_of(proc)
     data = check_finished_sweep(run_dir, uri, kind=kind, shape=shape, classes=classes, n_items=n_items)
