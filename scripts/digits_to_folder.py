@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import colorsys
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from hwnas.scripts.new_folder import refusal, written_atomically
 
 NATIVE = 8  # load_digits' images are 8x8
 MAX_VALUE = 16  # ... with integer values 0..16
@@ -51,27 +51,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.size < NATIVE:
         p.error(f"--size must be at least {NATIVE} (the native size), got {args.size}")
     return args
-
-
-def refusal(out: Path) -> str | None:
-    """Why `out` cannot be written, or None: it must be absent or an empty folder."""
-    if out.is_symlink():
-        return f"{out} exists (a symbolic link); give the folder itself"
-    if out.is_dir():
-        return None if not any(out.iterdir()) else f"{out} exists and is not empty; choose another folder or empty it"
-    if out.exists():
-        return f"{out} exists and is not a folder"
-    return None
-
-
-def temp_folder(out: Path) -> Path:
-    """An empty folder beside `out`, to be renamed to it when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the dataset gets a new folder's usual permissions
-    return tmp
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -116,15 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images, labels = digits.images, digits.target
     colours = tint_colours(len(images), args.seed) if args.rgb else None
 
-    tmp = temp_folder(out)
-    try:
+    with written_atomically(out) as tmp:
         write_folder(tmp, images, labels, args.size, colours)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename() would not replace it on every platform
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     kind = "RGB" if args.rgb else "grayscale"
     print(f"wrote {len(images)} images ({args.size}x{args.size} {kind} PNG) in {len(np.unique(labels))} classes to {out}")
     return 0

@@ -46,9 +46,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import PIL
 from PIL import Image, ImageEnhance
+
+from hwnas.scripts.new_folder import refusal, written_atomically
 
 # (name, distribution, import package, path inside the package). Found with find_spec rather than by
 # importing: importing sklearn (and scipy behind it) only to learn a file path costs a second a run.
@@ -99,27 +99,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.size < MIN_CROP:
         p.error(f"--size must be at least {MIN_CROP}, got {args.size}")
     return args
-
-
-def refusal(out: Path) -> str | None:
-    """Why `out` cannot be written, or None: it must be absent or an empty folder."""
-    if out.is_symlink():
-        return f"{out} exists (a symbolic link); give the folder itself"
-    if out.is_dir():
-        return None if not any(out.iterdir()) else f"{out} exists and is not empty; choose another folder or empty it"
-    if out.exists():
-        return f"{out} exists and is not a folder"
-    return None
-
-
-def temp_folder(out: Path) -> Path:
-    """An empty folder beside `out`, to be renamed to it when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the dataset gets a new folder's usual permissions
-    return tmp
 
 
 def find_photos() -> list[Photo]:
@@ -232,15 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"make_photo_folder: {e}", file=sys.stderr)
         return 1
 
-    tmp = temp_folder(out)
-    try:
+    with written_atomically(out) as tmp:
         classes, n = write_folder(tmp, photos, args)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); rename() would not replace it on every platform
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"wrote {n} images ({args.per_class} per class, {args.size}x{args.size} RGB {args.format}) in {len(classes)} "
         f"classes to {out}, from {len(photos)} photographs: {', '.join(str(p.path) for p in photos)}"
