@@ -99,12 +99,20 @@ class NpzData(CachedData):
         n_classes = len(classes) if classes else int(max(int(y.max()) for y in ys)) + 1
         return xs, ys, codes, classes or [str(i) for i in range(n_classes)]
 
+    def _checked_parts(self) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[str]]:
+        """`_parts` of the file, a DataError naming the file as well as the array key."""
+        try:
+            xs, ys, codes, classes = self._parts(self._load())
+            if len(np.unique(np.concatenate(ys))) < 2:
+                raise DataError("y: every label is the same; allowed: at least two classes")
+        except DataError as exc:
+            text = str(exc)
+            raise DataError(text if text.startswith("dataset.path") else f"dataset.path: {Path(self.path).name}: {text}") from None
+        return xs, ys, codes, classes
+
     def _scan(self) -> Scan:
-        arrays = self._load()
-        xs, ys, codes, classes = self._parts(arrays)
+        xs, ys, codes, classes = self._checked_parts()
         labels = np.concatenate(ys)
-        if len(np.unique(labels)) < 2:
-            raise DataError("y: every label is the same; allowed: at least two classes")
         own = np.concatenate([np.full(len(y), code, dtype=np.int8) for y, code in zip(ys, codes, strict=True)])
         c, h, w = xs[0].shape[1:]
         return Scan(
@@ -114,7 +122,7 @@ class NpzData(CachedData):
         )
 
     def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        xs, _, _, _ = self._parts(self._load())
+        xs, _, _, _ = self._checked_parts()
         start = 0
         for x in xs:
             resize_arrays(x, out[start : start + len(x)], resolution, channels)
