@@ -99,19 +99,27 @@ def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None
     space to its input shape; pin the fingerprint in the config (config.yaml, MLflow, resume's drift
     check). `cache_root` None: the recipe's own per-user cache.
     None when the evaluator reads no data (a benchmark table)."""
-    from hwnas.evaluators.data import DataError
+    from hwnas.evaluators.data import CachedData, DataError
     from hwnas.spaces.base import fit_input
 
     data = getattr(built.sweep.evaluator, "data", None)
     if data is None or not hasattr(data, "prepare"):
         return None
+    notes: list[str] = []
+
+    def fit(shape: tuple[int, int, int]) -> None:
+        notes.extend(fit_input(built.sweep.space, shape))
+
     try:
         if cache_root is None:
             data.setup()
             summary: dict[str, Any] = data.summary()
+            fit(data.input_shape)
+        elif isinstance(data, CachedData):
+            summary = data.prepare(cache_root, check_shape=fit)  # a space that cannot fit: refused before decoding
         else:
             summary = data.prepare(cache_root)
-        notes = fit_input(built.sweep.space, data.input_shape)
+            fit(data.input_shape)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     except ValueError as exc:  # the space cannot hold this input at all

@@ -6,6 +6,7 @@ so no other Ray instance on the machine is joined or stopped; teardown kills the
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -158,3 +159,7 @@ def test_sweep_runs_trials_on_both_nodes(cluster: str, tmp_path: Path) -> None:
     for artifact in trials["artifact"]:
         assert Path(artifact).is_relative_to(shared.resolve()) and Path(artifact).is_file(), artifact
     assert (run_dir / "export" / "model.onnx").is_file()
+    # The data was decoded once, into the shared storage every node maps, not into the driver's run_dir.
+    cache = Path(json.loads((run_dir / "data.json").read_text())["cache"]["path"])
+    assert cache.is_relative_to(shared.resolve()) and (cache / "x.npy").is_file(), cache
+    assert not (run_dir / "data").exists()

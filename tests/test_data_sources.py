@@ -830,3 +830,20 @@ def test_bad_split_file_is_refused(tmp_path, edit, expected):
 def test_missing_split_file_is_refused(tmp_path):
     grey_folder(tmp_path / "d")
     refused(folder_data(tmp_path / "d", resolution=8, splits=str(tmp_path / "gone.csv")), tmp_path / "cache", "gone.csv")
+
+
+def test_check_shape_sees_the_input_before_anything_is_decoded(tmp_path, monkeypatch):
+    # The driver lets the space refuse a resolution it cannot hold before a large folder is decoded.
+    root = tmp_path / "d"
+    for i in range(8):
+        save(root / "ab"[i % 2] / f"{i}.png", noise(i, (10, 10)))
+    monkeypatch.setattr(image_folder_module, "decode_file", lambda *a: pytest.fail("decoded before the shape check"))
+    seen: list[tuple[int, int, int]] = []
+
+    def refuse(shape: tuple[int, int, int]) -> None:
+        seen.append(shape)
+        raise ValueError("space.n_stages: does not fit")
+
+    with pytest.raises(ValueError, match="n_stages"):
+        folder_data(root, resolution=12).prepare(tmp_path / "cache", check_shape=refuse)
+    assert seen == [(3, 12, 12)] and not (tmp_path / "cache").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -108,15 +109,20 @@ class CachedData:
         return {}
 
     # -- preparing (driver, once per sweep) -------------------------------------------------------
-    def prepare(self, cache_root: str | Path) -> dict[str, Any]:
+    def prepare(
+        self, cache_root: str | Path, check_shape: Callable[[tuple[int, int, int]], None] | None = None
+    ) -> dict[str, Any]:
         """Check, split, fingerprint and (if needed) decode the data into `cache_dir` or `cache_root`.
 
         DataError (one line) on bad data, before anything is written; a fingerprint other than the
-        configured `dataset.fingerprint` is refused (resume and export pin it)."""
+        configured `dataset.fingerprint` is refused (resume and export pin it). `check_shape` sees the
+        input shape (C, R, R) before anything is decoded: the space can refuse a resolution it cannot hold."""
         started = time.perf_counter()
         scan = self._scan()
         channels = self.channels or scan.channels
         resolution = self.resolution or self._native_resolution(scan)
+        if check_shape is not None:
+            check_shape((channels, resolution, resolution))
         names = scan.names if scan.names is not None else [str(i) for i in range(len(scan.labels))]
         if self.splits is not None:
             split = read_split_file(self.splits, names)
