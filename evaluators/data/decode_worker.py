@@ -3,7 +3,7 @@
 A plain subprocess rather than multiprocessing: spawn re-runs the caller's main script in every
 child (a researcher's script without an `if __name__ == "__main__"` guard would start its sweep
 again), and fork copies a driver that may hold threads (Ray, the MLflow client) in the middle of a
-lock. The job arrives as JSON on stdin; progress goes to stdout, one count per line; a file that does
+lock. The job arrives as JSON on stdin; stdout gets one line per item, in order; a file that does
 not decode is one line on stderr and exit status 2.
 """
 
@@ -18,26 +18,21 @@ import numpy as np
 from hwnas.evaluators.data.base import DataError
 from hwnas.evaluators.data.image_folder import decode_file
 
-REPORT_EVERY = 128
-
 
 def main() -> int:
+    """Write each image of the job into rows start.. of the cache file, printing "." per image."""
     job = json.loads(sys.stdin.read())
-    out = np.load(job["x_path"], mmap_mode="r+", allow_pickle=False)
     root, start = Path(job["root"]), int(job["start"])
-    pending = 0
+    out = np.load(job["x_path"], mmap_mode="r+", allow_pickle=False)
     try:
         for i, name in enumerate(job["names"]):
             out[start + i] = decode_file(root / name, name, job["resolution"], job["channels"], job["resize"])
-            pending += 1
-            if pending == REPORT_EVERY:
-                print(pending, flush=True)
-                pending = 0
+            print(".")
     except DataError as exc:
         print(str(exc), file=sys.stderr, flush=True)
         return 2
     out.flush()
-    print(pending, flush=True)
+    sys.stdout.flush()
     return 0
 
 
