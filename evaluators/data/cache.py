@@ -25,7 +25,7 @@ import numpy as np
 
 from hwnas.evaluators.data.base import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: arrays resized with Pillow (was torch)
 META = "meta.json"
 MAX_META_BYTES = 16 * 1024 * 1024
 DTYPES = ("uint8", "float32")

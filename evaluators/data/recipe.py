@@ -419,24 +419,30 @@ def to_nchw(x: np.ndarray, key: str) -> np.ndarray:
 
 def resize_arrays(x: np.ndarray, out: np.ndarray, resolution: int, channels: int, chunk: int = 2048) -> None:
     """Write N×C×h×w arrays into `out` (N×channels×R×R), converting channels (1->3 repeat, 3->1 luma,
-    4 -> alpha dropped) and resizing bilinearly with antialiasing, a chunk at a time."""
-    import torch
-    import torch.nn.functional as F
+    4 -> alpha dropped) and resizing each plane bilinearly with Pillow (antialiased when shrinking, as
+    image folders are), a chunk at a time. Pillow, not torch: the driver prepares the data and stays
+    free of torch's import and threads."""
+    from PIL import Image
 
     integer = out.dtype == np.uint8
     for start in range(0, len(x), chunk):
-        block = torch.from_numpy(np.asarray(x[start : start + chunk], dtype=np.float32))
+        block = np.asarray(x[start : start + chunk], dtype=np.float32)
         if block.shape[1] == 4:
             block = block[:, :3]
-        if block.shape[1] == 1 and channels == 3:
-            block = block.repeat(1, 3, 1, 1)
-        elif block.shape[1] == 3 and channels == 1:
-            block = (block * torch.tensor(LUMA).reshape(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        if block.shape[1] == 3 and channels == 1:
+            block = np.tensordot(np.asarray(LUMA, dtype=np.float32), block, axes=([0], [1]))[:, None]
         if block.shape[-2:] != (resolution, resolution):
-            block = F.interpolate(block, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+            resized = np.empty((len(block), block.shape[1], resolution, resolution), dtype=np.float32)
+            for i in range(len(block)):
+                for c in range(block.shape[1]):
+                    plane = Image.fromarray(np.ascontiguousarray(block[i, c]), mode="F")
+                    resized[i, c] = np.asarray(plane.resize((resolution, resolution), Image.Resampling.BILINEAR))
+            block = resized
+        if block.shape[1] == 1 and channels == 3:
+            block = np.repeat(block, 3, axis=1)  # after resizing: one plane resized, not three
         if integer:
-            block = block.round().clamp(0, 255)
-        out[start : start + len(block)] = block.numpy().astype(out.dtype)
+            block = np.clip(np.round(block), 0, 255)
+        out[start : start + len(block)] = block.astype(out.dtype)
 
 
 def check_labels(y: np.ndarray, key: str, num_classes: int | None) -> np.ndarray:
