@@ -109,6 +109,31 @@ def write_cifar10(root: Path, records: int = 40, seed: int = 0) -> Path:
     return root
 
 
+COARSE_NAMES = [f"super{i}" for i in range(20)]
+
+
+def write_cifar100(root: Path, train: int = 120, test: int = 40, seed: int = 0) -> Path:
+    """The published CIFAR-100 binary layout: cifar-100-binary/train.bin and test.bin, 3074-byte records
+    (coarse label byte, fine label byte, then the red, green and blue planes), and the two names files.
+    Only 4 coarse classes occur (bright bands, learnable); the names files list all 20 and 100."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-binary"
+    folder.mkdir(parents=True)
+    for name, count in (("train.bin", train), ("test.bin", test)):
+        out = bytearray()
+        for r in range(count):
+            coarse = r % 4
+            planes = rng.integers(0, 80, size=(3, 32, 32)).astype(np.uint8)
+            planes[coarse % 3, (coarse // 3) * 16 : (coarse // 3) * 16 + 8, :] = 250
+            out += bytes([coarse, coarse * 5 + r % 5])
+            out += planes.tobytes()
+        assert len(out) == count * 3074
+        (folder / name).write_bytes(bytes(out))
+    (folder / "coarse_label_names.txt").write_text("\n".join(COARSE_NAMES) + "\n")
+    (folder / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)) + "\n")
+    return root
+
+
 # ---- what a finished sweep must show ----
 
 
@@ -194,6 +219,8 @@ SOURCES = {
     "npz": (lambda d: ["dataset=npz", f"dataset.path={d / 'arrays.npz'}"], "npz", [3, 20, 20], NPZ_CLASSES, 150),
     "cifar10": (lambda d: ["dataset=cifar10", f"dataset.path={d / 'cifar'}"], "cifar10", [3, 32, 32],
                 CIFAR10_NAMES, 240),
+    "cifar100": (lambda d: ["dataset=cifar100", f"dataset.path={d / 'c100'}", "dataset.label=coarse"], "cifar100",
+                 [3, 32, 32], COARSE_NAMES, 160),
     "lightning": (lambda d: ["dataset=lightning", "dataset.module._target_=own_datamodule.OwnDataModule",
                              "+dataset.module.seed=3", "plugins=[own_datamodule]"],
                   "lightning", [3, 16, 16], MODULE_CLASSES, 210),
@@ -203,6 +230,7 @@ SOURCES = {
 @pytest.mark.parametrize("source", [
     pytest.param("npz", marks=pytest.mark.slow),  # ~25 s each with Ray: the array sources run with the slow tests
     pytest.param("cifar10", marks=pytest.mark.slow),
+    pytest.param("cifar100", marks=pytest.mark.slow),
     "lightning",
 ])
 def test_other_sources_sweep_and_export(tmp_path: Path, source: str) -> None:
@@ -211,6 +239,8 @@ def test_other_sources_sweep_and_export(tmp_path: Path, source: str) -> None:
         write_npz(tmp_path / "arrays.npz")
     elif source == "cifar10":
         write_cifar10(tmp_path / "cifar")
+    elif source == "cifar100":
+        write_cifar100(tmp_path / "c100")
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
     # Ray, like the image folder: the decoded cache must reach Tune's worker processes for every source.
     proc = hwnas(*TINY, *overrides(tmp_path), "runner=ray", f"run_dir={run_dir}", f"tracking.uri={uri}",
@@ -219,8 +249,8 @@ def test_other_sources_sweep_and_export(tmp_path: Path, source: str) -> None:
     data = check_finished_sweep(run_dir, uri, kind=kind, shape=shape, classes=classes, n_items=n_items)
     if source == "npz":
         assert data["splits"]["test"] == 30  # the file's own test split is kept
-    elif source == "cifar10":
-        assert data["splits"]["test"] == 40  # test_batch.bin, whole
+    elif source in ("cifar10", "cifar100"):
+        assert data["splits"]["test"] == 40  # the test file, whole
     else:
         assert data["module"] == "own_datamodule.OwnDataModule"
         assert data["splits"] == {"train": 150, "val": 30, "test": 30}  # the module's own loaders
