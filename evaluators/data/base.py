@@ -44,6 +44,10 @@ class Scan:
     dtype: str  # what the cache holds: "uint8" (images, 0..255) or "float32" (arrays as given)
     names: list[str] | None = None  # item names a split file refers to (relative paths); None: row numbers
     native_size: tuple[int, int] | None = None  # (H, W) when every item has it: what `resolution: null` becomes
+    # The items as read (N_i×C×h×w arrays, in item order) where hashing them meant reading them all
+    # (arrays, CIFAR records, a DataModule): the default `_decode` resizes these instead of reading
+    # the source a second time. None: the source decodes its own files (image folders).
+    items: list[np.ndarray] | None = None
 
 
 @runtime_checkable

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from hwnas.evaluators.data.base import POOL, Scan
-from hwnas.evaluators.data.recipe import CachedData, hash_arrays, resize_arrays
+from hwnas.evaluators.data.recipe import CachedData, hash_arrays
 
 
 class DigitsData(CachedData):
@@ -28,10 +28,8 @@ class DigitsData(CachedData):
         return Scan(
             labels=labels, classes=[str(i) for i in range(10)], content_hash=hash_arrays(images, labels),
             own_split=np.full(len(labels), POOL, dtype=np.int8), channels=1, dtype="uint8", native_size=(8, 8),
+            items=[images],
         )
-
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        resize_arrays(self._raw()[0], out, resolution, channels)
 
 
 class SyntheticData(CachedData):
@@ -67,7 +65,5 @@ class SyntheticData(CachedData):
         return Scan(
             labels=labels, classes=[str(i) for i in range(self._n_classes)], content_hash=hash_arrays(images, labels),
             own_split=np.full(len(labels), POOL, dtype=np.int8), channels=1, dtype="float32", native_size=(8, 8),
+            items=[images],
         )
-
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        resize_arrays(self._raw()[0], out, resolution, channels)

@@ -40,6 +40,11 @@ class Cache:
     meta: dict[str, Any]
 
 
+def pixel_scale(dtype: str) -> float:
+    """What a cached value is divided by before normalising: uint8 images hold 0..255, float arrays are as given."""
+    return 255.0 if dtype == "uint8" else 1.0
+
+
 def new_folder(root: Path, key: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"

@@ -15,33 +15,31 @@ from typing import Any
 import numpy as np
 
 from hwnas.evaluators.data.base import POOL, TEST, DataError, Scan
-from hwnas.evaluators.data.recipe import CachedData, resize_arrays
+from hwnas.evaluators.data.recipe import FileData
 
 PIXELS = 3 * 32 * 32
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LABELS = ("fine", "coarse")
 
 
-class _CifarBinary(CachedData):
+class _CifarBinary(FileData):
     kind = "cifar"
+    path_allowed = "the folder of the binary distribution"
     folder_name = ""
     label_bytes = 1
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
 
-    def __init__(self, *, path: str, **common: Any) -> None:
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"dataset.path: {path!r} is not a path; allowed: the folder of the binary distribution")
+    def __init__(self, **common: Any) -> None:
         common.setdefault("channels", 3)
         super().__init__(**common)
-        self.path = path
 
     @property
     def record(self) -> int:
         return self.label_bytes + PIXELS
 
     def _folder(self) -> Path:
-        given = Path(self.path).expanduser()
+        given = self._source()
         # Either the batches folder itself or the folder the archive was unpacked into.
         for folder in (given, given / self.folder_name):
             if all((folder / name).is_file() for name in (*self.train_files, *self.test_files)):
@@ -53,9 +51,6 @@ class _CifarBinary(CachedData):
             f"dataset.path: {str(given)!r} has no {missing} (nor {self.folder_name}/{missing}); allowed: the folder of the "
             f"{self.kind} binary distribution ({', '.join((*self.train_files, *self.test_files))})"
         )
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(Path(self.path).expanduser().resolve())}
 
     def _records(self, file: Path) -> np.ndarray:
         size = file.stat().st_size
@@ -69,10 +64,10 @@ class _CifarBinary(CachedData):
     def _label_column(self) -> int:
         return 0
 
-    def _classes(self, folder: Path, n_found: int) -> list[str]:
+    def _classes(self, folder: Path) -> list[str]:
         raise NotImplementedError
 
-    def _read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self) -> tuple[np.ndarray, np.ndarray, Path]:
         folder = self._folder()
         parts, codes = [], []
         for names, code in ((self.train_files, POOL), (self.test_files, TEST)):
@@ -81,45 +76,35 @@ class _CifarBinary(CachedData):
                 parts.append(records)
                 codes.append(np.full(len(records), code, dtype=np.int8))
         records = np.concatenate(parts)
-        return records, np.concatenate(codes), folder  # type: ignore[return-value]
+        return records, np.concatenate(codes), folder
 
-    def _files_and_counts(self, folder: Path) -> list[tuple[str, int]]:
-        return [(name, (folder / name).stat().st_size // self.record) for name in (*self.train_files, *self.test_files)]
-
-    def _file_of(self, folder: Path, index: int) -> str:
-        for name, count in self._files_and_counts(folder):
+    def _locate(self, folder: Path, index: int) -> tuple[str, int]:
+        """(file name, record number in it) of record `index` of the files read in order."""
+        for name in (*self.train_files, *self.test_files):
+            count = (folder / name).stat().st_size // self.record
             if index < count:
-                return name
+                return name, index
             index -= count
-        return "?"
-
-    def _record_in_file(self, folder: Path, index: int) -> int:
-        for _, count in self._files_and_counts(folder):
-            if index < count:
-                return index
-            index -= count
-        return index
+        raise IndexError(index)
 
     def _scan(self) -> Scan:
         records, own, folder = self._read()
         labels = records[:, self._label_column()].astype(np.int64)
-        classes = self._classes(folder, int(labels.max()) + 1)  # type: ignore[arg-type]
+        classes = self._classes(folder)
         if labels.max() >= len(classes):
             bad = int(np.argmax(labels >= len(classes)))
+            name, record = self._locate(folder, bad)
             raise DataError(
-                f"dataset.path: {self._file_of(folder, bad)} record {self._record_in_file(folder, bad)} has label "  # type: ignore[arg-type]
-                f"{int(labels[bad])}; allowed: 0..{len(classes) - 1} for {self.kind}"
+                f"dataset.path: {name} record {record} has label {int(labels[bad])}; "
+                f"allowed: 0..{len(classes) - 1} for {self.kind}"
             )
-        digest = hashlib.sha256(records.tobytes())
+        digest = hashlib.sha256(records.data)  # the records' buffer: no copy of a 180 MB array
         digest.update(repr(classes).encode())
         return Scan(
             labels=labels, classes=classes, content_hash=digest.hexdigest() + f"|{self._label_column()}",
             own_split=own, channels=3, dtype="uint8", native_size=(32, 32),
+            items=[records[:, self.label_bytes :].reshape(-1, 3, 32, 32)],
         )
-
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        records, _, _ = self._read()
-        resize_arrays(records[:, self.label_bytes :].reshape(-1, 3, 32, 32), out, resolution, channels)
 
 
 def _names_file(file: Path, expected: int) -> list[str] | None:
@@ -139,7 +124,7 @@ class Cifar10Data(_CifarBinary):
     train_files = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
     test_files = ("test_batch.bin",)
 
-    def _classes(self, folder: Path, n_found: int) -> list[str]:
+    def _classes(self, folder: Path) -> list[str]:
         return _names_file(folder / "batches.meta.txt", 10) or list(CIFAR10_CLASSES)
 
 
@@ -161,7 +146,7 @@ class Cifar100Data(_CifarBinary):
     def _label_column(self) -> int:
         return 1 if self.label == "fine" else 0
 
-    def _classes(self, folder: Path, n_found: int) -> list[str]:
+    def _classes(self, folder: Path) -> list[str]:
         count = 100 if self.label == "fine" else 20
         names = _names_file(folder / f"{self.label}_label_names.txt", count)
         return names or [str(i) for i in range(count)]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hwnas.evaluators.data.base import POOL, DataError, Scan
-from hwnas.evaluators.data.recipe import CachedData
+from hwnas.evaluators.data.recipe import FileData
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -56,8 +56,9 @@ def read_header(root: Path, name: str) -> tuple[str, str, tuple[int, int]]:
     return hashlib.sha256(data).hexdigest(), mode, (height, width)
 
 
-def _to_array(img: Any, channels: int) -> np.ndarray:
-    """H×W×C uint8 of any supported mode: alpha dropped (composited on black by dropping), 16-bit scaled."""
+def _converted(img: Any, channels: int) -> Any:
+    """The image in mode L (channels 1) or RGB (3): alpha dropped (a palette with transparency goes
+    through RGBA, as Pillow asks), 16-bit grey scaled to 8 bits."""
     from PIL import Image
 
     if img.mode.startswith("I"):
@@ -66,9 +67,7 @@ def _to_array(img: Any, channels: int) -> np.ndarray:
         img = Image.fromarray(np.clip(np.round(grey / scale), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    img = img.convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return img.convert("L" if channels == 1 else "RGB")
 
 
 def decode_file(path: Path, name: str, resolution: int, channels: int, resize: str) -> np.ndarray:
@@ -87,47 +86,34 @@ def decode_file(path: Path, name: str, resolution: int, channels: int, resize: s
                 box = (left, top, left + side, top + side)
             else:
                 box = (0, 0, width, height)
-            array = _to_array(img, channels)
-            resized = Image.fromarray(array[:, :, 0] if channels == 1 else array).resize(
-                (resolution, resolution), Image.Resampling.BILINEAR, box=box
-            )
-    except DataError:
-        raise
+            resized = _converted(img, channels).resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise _bad_image(name, f"{type(exc).__name__}: {str(exc)[:120]}") from None
     out = np.asarray(resized, dtype=np.uint8)
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
 
-class ImageFolderData(CachedData):
+class ImageFolderData(FileData):
     """`dataset=image_folder dataset.path=DIR`: one sub-folder per class, images resized to `resolution`."""
 
     kind = "image_folder"
+    path_allowed = "a folder with one sub-folder per class"
 
-    def __init__(self, *, path: str, resize: str = "crop", decode_workers: int | None = None, **common: Any) -> None:
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"dataset.path: {path!r} is not a path; allowed: a folder with one sub-folder per class")
+    def __init__(self, *, resize: str = "crop", decode_workers: int | None = None, **common: Any) -> None:
         if resize not in RESIZE_MODES:
             raise ValueError(f"dataset.resize: {resize!r} is unknown; allowed: {', '.join(RESIZE_MODES)}")
         if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1):
             raise ValueError(f"dataset.decode_workers: {decode_workers!r} is invalid; allowed: an int >= 1 or null (all cores)")
         super().__init__(**common)
-        self.path = path
         self.resize = resize
         self.decode_workers = decode_workers
-
-    def _root(self) -> Path:
-        return Path(self.path).expanduser()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._root().resolve())}
 
     def _decode_settings(self) -> dict[str, Any]:
         return {"resize": self.resize}
 
     def _index(self) -> tuple[list[str], list[str], np.ndarray]:
         """(class names, relative image paths, labels), sorted; DataError on an unusable layout."""
-        root = self._root()
+        root = self._source()
         if not root.is_dir():
             raise DataError(f"dataset.path: {str(root)!r} is not a folder; allowed: a folder with one sub-folder of images per class")
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -152,7 +138,7 @@ class ImageFolderData(CachedData):
 
     def _scan(self) -> Scan:
         classes, names, labels = self._index()
-        root = self._root()
+        root = self._source()
         # One thread: hashing and header parsing hold the GIL here (a thread pool measured 4x slower,
         # 7.6 s vs 1.9 s for 50k PNGs) and worker processes lose more to start-up and pipes than they win.
         headers = [read_header(root, n) for n in names]
@@ -169,7 +155,7 @@ class ImageFolderData(CachedData):
 
     def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> dict[str, Any] | None:
         assert scan.names is not None
-        names, root = scan.names, str(self._root())
+        names, root = scan.names, str(self._source())
         workers = self._workers()
         if workers == 1 or len(names) < PARALLEL_FROM:
             for i, name in enumerate(names):

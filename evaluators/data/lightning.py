@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hwnas.evaluators.data.base import POOL, TEST, VAL, DataError, Scan
-from hwnas.evaluators.data.recipe import CachedData, check_labels, finite_or_refuse, resize_arrays
+from hwnas.evaluators.data.recipe import CachedData, check_labels, finite_or_refuse
 
 MAX_ITEMS = 5_000_000
 
@@ -48,15 +48,9 @@ class LightningData(CachedData):
         # Plain data (the node is already checked by the plug-in policy): picklable to workers.
         plain = OmegaConf.to_container(module, resolve=True) if OmegaConf.is_config(module) else dict(module)
         self.module_config: dict[str, Any] = dict(plain)  # type: ignore[arg-type]
-        self._read: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None = None
 
     def _describe(self) -> dict[str, Any]:
         return {"module": self.module_config["_target_"]}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_read"] = None
-        return state
 
     def _module(self) -> Any:
         import pytorch_lightning as pl
@@ -72,8 +66,6 @@ class LightningData(CachedData):
         return module
 
     def _read_module(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-        if self._read is not None:
-            return self._read
         module = self._module()
         target = self.module_config["_target_"]
         n_classes = getattr(module, "num_classes", None)
@@ -99,8 +91,7 @@ class LightningData(CachedData):
         shapes = {x.shape[1:] for x in xs}
         if len(shapes) > 1:
             raise DataError(f"dataset.module: {target}'s loaders give images of shapes {sorted(shapes)}; allowed: one C×H×W (the contract)")
-        self._read = (np.concatenate(xs), np.concatenate(ys), np.concatenate(codes), [str(c) for c in classes])
-        return self._read
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(codes), [str(c) for c in classes]
 
     def _materialise(self, module: Any, split: str, n_classes: int, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
         import pytorch_lightning as pl
@@ -157,16 +148,9 @@ class LightningData(CachedData):
             raise DataError(f"dataset.channels: the module gives {x.shape[1]} channels; allowed: null (keep them)")
         digest = hashlib.sha256()
         for a in (x, y, own):
-            digest.update(np.ascontiguousarray(a).tobytes())
+            digest.update(np.ascontiguousarray(a).data)  # the buffer: no copy of the module's whole data
         digest.update(repr((classes, x.shape)).encode())
         return Scan(
             labels=y, classes=classes, content_hash=digest.hexdigest(), own_split=own,
-            channels=int(x.shape[1]), dtype="float32", native_size=(int(x.shape[2]), int(x.shape[3])),
+            channels=int(x.shape[1]), dtype="float32", native_size=(int(x.shape[2]), int(x.shape[3])), items=[x],
         )
-
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        x = self._read_module()[0]
-        if x.shape[1] == channels and x.shape[2:] == (resolution, resolution):
-            out[:] = x
-        else:
-            resize_arrays(x, out, resolution, channels)

@@ -7,40 +7,24 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from hwnas.evaluators.data.base import POOL, TEST, VAL, DataError, Scan
-from hwnas.evaluators.data.recipe import (
-    CachedData,
-    check_labels,
-    finite_or_refuse,
-    hash_arrays,
-    resize_arrays,
-    to_nchw,
-)
+from hwnas.evaluators.data.recipe import FileData, check_labels, finite_or_refuse, hash_arrays, to_nchw
 
 PARTS = (("x", "y", POOL), ("x_val", "y_val", VAL), ("x_test", "y_test", TEST))
 KNOWN_KEYS = {"x", "y", "x_val", "y_val", "x_test", "y_test", "classes"}
 
 
-class NpzData(CachedData):
+class NpzData(FileData):
     """`dataset=npz dataset.path=FILE`: x as N×H×W, N×H×W×C or N×C×H×W (uint8 0..255, or float as given)."""
 
     kind = "npz"
-
-    def __init__(self, *, path: str, **common: Any) -> None:
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"dataset.path: {path!r} is not a path; allowed: the path of an .npz file")
-        super().__init__(**common)
-        self.path = path
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(Path(self.path).expanduser().resolve())}
+    path_allowed = "the path of an .npz file"
 
     def _load(self) -> dict[str, np.ndarray]:
-        file = Path(self.path).expanduser()
+        file = self._source()
         if not file.is_file():
             raise DataError(f"dataset.path: {str(file)!r} is not a file; allowed: an .npz file with arrays x and y")
         try:
@@ -118,12 +102,5 @@ class NpzData(CachedData):
         return Scan(
             labels=labels, classes=classes, content_hash=hash_arrays(*xs, labels, np.array(classes)),
             own_split=own, channels=1 if c == 1 else 3, dtype="float32" if xs[0].dtype.kind == "f" else "uint8",
-            native_size=(h, w),
+            native_size=(h, w), items=xs,
         )
-
-    def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> None:
-        xs, _, _, _ = self._checked_parts()
-        start = 0
-        for x in xs:
-            resize_arrays(x, out[start : start + len(x)], resolution, channels)
-            start += len(x)

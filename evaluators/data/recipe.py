@@ -89,7 +89,7 @@ class CachedData:
         self._prepared: dict[str, Any] | None = None
         self._cache: cache_io.Cache | None = None
         self._memo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._affine: tuple[np.ndarray, np.ndarray] | None = None  # per-channel gain and offset, once opened
+        self._affine: tuple[np.ndarray, np.ndarray] | None = None  # per-channel gain and offset of the open cache
         self.load_seconds = 0.0  # time spent making training/eval batches in this process
 
     # -- source hooks ---------------------------------------------------------------------------
@@ -97,8 +97,15 @@ class CachedData:
         raise NotImplementedError
 
     def _decode(self, scan: Scan, out: np.ndarray, resolution: int, channels: int) -> dict[str, Any] | None:
-        """Fill `out`; may return facts for the cache's meta.json (e.g. how many processes decoded)."""
-        raise NotImplementedError
+        """Fill `out`; may return facts for the cache's meta.json (e.g. how many processes decoded).
+        By default: resize the items the scan already read (`Scan.items`)."""
+        if scan.items is None:
+            raise NotImplementedError(f"{type(self).__name__} reads no items in _scan and decodes none")
+        start = 0
+        for items in scan.items:
+            resize_arrays(items, out[start : start + len(items)], resolution, channels)
+            start += len(items)
+        return None
 
     def _decode_settings(self) -> dict[str, Any]:
         """Source options that change decoded pixels (beyond resolution and channels): part of the cache key."""
@@ -153,7 +160,7 @@ class CachedData:
                 x = cache_io.allocate(tmp, (len(scan.labels), *shape), scan.dtype)
                 facts = self._decode(scan, x, resolution, channels) or {}
                 x.flush()
-                mean, std = cache_io.channel_stats(x, np.flatnonzero(split == TRAIN), 255.0 if scan.dtype == "uint8" else 1.0)
+                mean, std = cache_io.channel_stats(x, np.flatnonzero(split == TRAIN), cache_io.pixel_scale(scan.dtype))
                 del x
                 meta = {
                     "fingerprint": fingerprint, "classes": scan.classes, "shape": list(shape), "dtype": scan.dtype,
@@ -170,7 +177,6 @@ class CachedData:
         }
         self._cache = None
         self._memo = {}
-        self._affine = None
         self.setup()
         return self.summary()
 
@@ -210,6 +216,13 @@ class CachedData:
             dtype=self._prepared["dtype"],
             num_classes=self._prepared["num_classes"],
         )
+        # x * 1/(scale*std) - mean/std per channel: what every batch is normalised with.
+        norm = self.normalization
+        std = np.asarray(norm["std"], dtype=np.float64)
+        self._affine = (
+            (1.0 / (norm["scale"] * std)).astype(np.float32).reshape(1, -1, 1, 1),
+            (np.asarray(norm["mean"], dtype=np.float64) / std).astype(np.float32).reshape(1, -1, 1, 1),
+        )
 
     def _opened(self) -> cache_io.Cache:
         self.setup()
@@ -236,8 +249,7 @@ class CachedData:
     @property
     def normalization(self) -> dict[str, Any]:
         meta = self._opened().meta
-        scale = 255.0 if meta["dtype"] == "uint8" else 1.0
-        return {"scale": scale, "mean": list(meta["mean"]), "std": list(meta["std"])}
+        return {"scale": cache_io.pixel_scale(meta["dtype"]), "mean": list(meta["mean"]), "std": list(meta["std"])}
 
     def summary(self) -> dict[str, Any]:
         """What `run_dir/data.json` and the MLflow parent run record about the data."""
@@ -273,13 +285,7 @@ class CachedData:
         """float32 NCHW of items `idx` (sorted), normalised with the train split's statistics:
         one array, scaled and shifted in place (x * 1/(scale*std) - mean/std), no temporaries."""
         cache = self._opened()
-        if self._affine is None:
-            norm = self.normalization
-            std = np.asarray(norm["std"], dtype=np.float64)
-            self._affine = (
-                (1.0 / (norm["scale"] * std)).astype(np.float32).reshape(1, -1, 1, 1),
-                (np.asarray(norm["mean"], dtype=np.float64) / std).astype(np.float32).reshape(1, -1, 1, 1),
-            )
+        assert self._affine is not None  # set whenever the cache is opened
         gain, offset = self._affine
         x = np.asarray(cache.x[idx], dtype=np.float32)
         np.multiply(x, gain, out=x)
@@ -328,6 +334,24 @@ class CachedData:
         state["_affine"] = None
         state["load_seconds"] = 0.0
         return state
+
+
+class FileData(CachedData):
+    """A source read from the one path the user gives (`dataset.path`: a folder or a file)."""
+
+    path_allowed = "a path"  # what `dataset.path` must name, for the refusal
+
+    def __init__(self, *, path: str, **common: Any) -> None:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"dataset.path: {path!r} is not a path; allowed: {self.path_allowed}")
+        super().__init__(**common)
+        self.path = path
+
+    def _source(self) -> Path:
+        return Path(self.path).expanduser()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._source().resolve())}
 
 
 def user_cache_root() -> Path:
@@ -419,15 +443,15 @@ def to_nchw(x: np.ndarray, key: str) -> np.ndarray:
 
 def resize_arrays(x: np.ndarray, out: np.ndarray, resolution: int, channels: int, chunk: int = 2048) -> None:
     """Write N×C×h×w arrays into `out` (N×channels×R×R), converting channels (1->3 repeat, 3->1 luma,
-    4 -> alpha dropped) and resizing each plane bilinearly with Pillow (antialiased when shrinking, as
-    image folders are), a chunk at a time. Pillow, not torch: the driver prepares the data and stays
+    4->3 alpha dropped; a count asked for as it is, e.g. a DataModule's own, kept) and resizing each
+    plane bilinearly with Pillow (antialiased when shrinking, as image folders are), a chunk at a time. Pillow, not torch: the driver prepares the data and stays
     free of torch's import and threads."""
     from PIL import Image
 
     integer = out.dtype == np.uint8
     for start in range(0, len(x), chunk):
         block = np.asarray(x[start : start + chunk], dtype=np.float32)
-        if block.shape[1] == 4:
+        if block.shape[1] == 4 and channels != 4:
             block = block[:, :3]
         if block.shape[1] == 3 and channels == 1:
             block = np.tensordot(np.asarray(LUMA, dtype=np.float32), block, axes=([0], [1]))[:, None]
@@ -450,9 +474,7 @@ def check_labels(y: np.ndarray, key: str, num_classes: int | None) -> np.ndarray
     if y.ndim != 1:
         raise DataError(f"{key}: labels have shape {y.shape}; allowed: one integer per item (N,)")
     if y.dtype.kind not in "iu":
-        if y.dtype.kind == "f" and len(y) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
+        if not (y.dtype.kind == "f" and len(y) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise DataError(f"{key}: labels are {y.dtype}, not integers; allowed: integer class indices 0..K-1")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
