@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hwnas.search.broker import Broker
 from hwnas.search.config import ConfigError
-from hwnas.search.export import finalize, prepare_export, write_tables
+from hwnas.search.export import DATA_FILE, finalize, prepare_export, write_tables
 from hwnas.search.objectives import Objectives
 from hwnas.search.progress import Progress
 from hwnas.search.recorder import Recorder
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
 
 CONFIG_FILE = "config.yaml"
-DATA_FILE = "data.json"
 
 
 @dataclass

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
 
 EXPORT_DIR = "export"
+DATA_FILE = "data.json"  # the data's summary, written by run_sweep when the sweep starts
 LIBRARIES = ("torch", "pytorch-lightning", "onnx", "onnxruntime", "optuna", "ray", "mlflow", "hydra-core", "torch-pruning")
 
 
@@ -192,8 +193,8 @@ def finalize(
         for r in rows:
             tracker.tag_trial(r["number"], {"pareto": str(r["pareto"]).lower()})
         paths = [run_dir / "trials.csv", run_dir / "pareto.csv", run_dir / "config.yaml"]
-        if (run_dir / "data.json").is_file():
-            paths.append(run_dir / "data.json")  # fingerprint, classes, normalisation, splits
+        if (run_dir / DATA_FILE).is_file():
+            paths.append(run_dir / DATA_FILE)  # fingerprint, classes, normalisation, splits
         if plot is not None:
             paths.append(plot)
         if card is not None:

@@ -94,11 +94,10 @@ def data_cache_root(cfg: DictConfig, runner: Any) -> Path:
     return (Path(storage).resolve() / run_dir.resolve().name if storage else run_dir) / "data"
 
 
-def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None:
-    """Read, check, split, fingerprint and decode the evaluator's data once, in the driver; fit the
-    space to its input shape; pin the fingerprint in the config (config.yaml, MLflow, resume's drift
-    check). `cache_root` None: the recipe's own per-user cache.
-    None when the evaluator reads no data (a benchmark table)."""
+def prepare_data(built: Built, cache_root: Path) -> dict[str, Any] | None:
+    """Read, check, split, fingerprint and decode the evaluator's data once, in the driver, into
+    `cache_root`; fit the space to its input shape; pin the fingerprint in the config (config.yaml,
+    MLflow, resume's drift check). None when the evaluator reads no data (a benchmark table)."""
     from hwnas.evaluators.data import CachedData, DataError
     from hwnas.spaces.base import fit_input
 
@@ -111,12 +110,8 @@ def prepare_data(built: Built, cache_root: Path | None) -> dict[str, Any] | None
         notes.extend(fit_input(built.sweep.space, shape))
 
     try:
-        if cache_root is None:
-            data.setup()
-            summary: dict[str, Any] = data.summary()
-            fit(data.input_shape)
-        elif isinstance(data, CachedData):
-            summary = data.prepare(cache_root, check_shape=fit)  # a space that cannot fit: refused before decoding
+        if isinstance(data, CachedData):
+            summary: dict[str, Any] = data.prepare(cache_root, check_shape=fit)  # refused before decoding
         else:
             summary = data.prepare(cache_root)
             fit(data.input_shape)
@@ -153,12 +148,12 @@ def describe_data(summary: dict[str, Any]) -> str:
     sizes = summary["splits"]
     cache = summary["cache"]
     made = "reused" if cache["reused"] else f"decoded in {cache['decode_s']:.1f} s"
-    where = summary.get("path") or summary.get("module") or ""
+    source = " ".join(str(part) for part in (summary["kind"], summary.get("path") or summary.get("module")) if part)
     return (
-        f"{summary['kind']} {where} - {sum(sizes.values())} items (train {sizes['train']}, val {sizes['val']}, "
+        f"{source} - {sum(sizes.values())} items (train {sizes['train']}, val {sizes['val']}, "
         f"test {sizes['test']}), {len(summary['classes'])} classes, input {'x'.join(map(str, summary['input_shape']))}, "
         f"fingerprint {summary['fingerprint']}; cache {made} ({cache['path']})"
-    ).replace("  ", " ")
+    )
 
 
 def _warm_up(cfg: DictConfig) -> threading.Thread:
