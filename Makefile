@@ -28,10 +28,10 @@ test-slow: $(STAMP)
 # laid out as the installed package.
 TYPECHECK := build/typecheck
 lint: $(STAMP)
-	$(BIN)/ruff check hwnas search spaces evaluators tests scripts
+	$(BIN)/ruff check hwnas search spaces evaluators agent tests scripts
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/hwnas
 	cp hwnas/*.py $(TYPECHECK)/hwnas/
-	for d in search spaces evaluators; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/hwnas/$$d; done
+	for d in search spaces evaluators agent; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/hwnas/$$d; done
 	cd $(TYPECHECK) && "$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" -p hwnas.search -p hwnas.spaces
 
 clean-venv:
