@@ -1,0 +1,38 @@
+"""The written interface of the measure folder: what a latency target (conf/hardware/*.yaml) provides.
+
+A target times ONNX files on one device with one protocol, and says which device that was (its
+fingerprint) so that a latency is never silently taken from another device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from hwnas.evaluators.measure.protocol import Measurement, MeasureProtocol
+
+
+class MeasureError(RuntimeError):
+    """A measurement failed; the message is one line naming the file or device and the reason."""
+
+
+@runtime_checkable
+class Target(Protocol):
+    name: str
+    provider: str  # "cpu" | "cuda"
+
+    def check_available(self) -> None:
+        """RuntimeError (one line) before any work if the target cannot measure (remote: contacts every agent)."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The device's fingerprint (see fingerprint.device_fingerprint)."""
+        ...
+
+    def protocol(self) -> MeasureProtocol:
+        ...
+
+    def measure(self, onnx_path: str | Path) -> Measurement:
+        """Time one ONNX file; MeasureError (one line) on failure."""
+        ...
