@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -89,6 +90,35 @@ class _Deadline(pl.Callback):
             raise TimeoutError(f"trial ran past its time limit in training epoch {trainer.current_epoch}")
 
 
+class ComputeSlot(pl.Callback):
+    """Hold the node's compute slot (evaluators.measure.lock) for each training batch, released between
+    batches: a latency measurement on this node waits for at most one batch, and no batch runs while it times."""
+
+    def __init__(self) -> None:
+        self._held: AbstractContextManager[None] | None = None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        from hwnas.evaluators.measure.lock import compute_slot
+
+        self._release()  # a batch whose end hook never ran (Lightning skips it on some exits)
+        self._held = compute_slot()
+        self._held.__enter__()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._release()
+
+    def on_exception(self, *args: Any) -> None:
+        self._release()
+
+    def teardown(self, *args: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
+
+
 def _quiet_lightning() -> None:
     # Lightning prints "GPU available: ..." etc. at INFO for every Trainer; one per trial is noise.
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
@@ -120,7 +150,7 @@ def fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[_Deadline(deadline)] if deadline is not None else [],
+        callbacks=[ComputeSlot(), *([_Deadline(deadline)] if deadline is not None else [])],
     )
     # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.
     model.train()
