@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from hwnas.evaluators.base import Evaluation
 from hwnas.evaluators.data import DataRecipe
-from hwnas.evaluators.latency import LatencyTarget, measure_latency
+from hwnas.evaluators.measure.base import Target
+from hwnas.evaluators.measure.plan import LatencyPlan
 from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
 from hwnas.spaces.base import SearchSpace
@@ -41,6 +42,24 @@ METRIC_NAMES = frozenset(
         "latency_p90_ms",
         "latency_mean_ms",
         "latency_std_ms",
+        "latency_p99_ms",
+        "latency_cv",
+        "latency_resolution_pct",
+        "latency_rounds",
+        "latency_runs",
+        # How latency_ms was obtained (1/0): from the cache, predicted, or predicted instead of measured
+        # because the pre-screen put it far over the budget; with a predictor, its figures beside it.
+        "latency_cached",
+        "latency_predicted",
+        "latency_prescreened",
+        "latency_pred_ms",
+        "latency_pred_low_ms",
+        "latency_pred_high_ms",
+        "latency_pred_within10",
+        "latency_pred_mape",
+        "latency_pred_spearman",
+        "latency_pred_n",
+        "energy_j",  # joules per inference, only where the target has a meter (RAPL, NVML)
         "model_bytes",
         "params",
         "macs",
@@ -84,7 +103,7 @@ class PipelineEvaluator:
         *,
         space: SearchSpace,
         data: DataRecipe,
-        latency: LatencyTarget,
+        latency: LatencyPlan | Target,
         seed: int,
         epochs: int,
         finetune_epochs: int,
@@ -116,7 +135,8 @@ class PipelineEvaluator:
         check_accelerator(accelerator)
         self.space = space
         self.data = data
-        self.latency = latency
+        # A bare target (tests, scripts) is a plan without cache or predictor.
+        self.latency = latency if isinstance(latency, LatencyPlan) else LatencyPlan(latency)
         self.seed = seed
         self.epochs = epochs
         self.finetune_epochs = finetune_epochs
@@ -203,7 +223,8 @@ class PipelineEvaluator:
         with _timed(metrics, "build"):
             pl.seed_everything(seed, verbose=False)
             model = self.space.build(candidate, input_shape, num_classes)
-        with _timed(metrics, "train"), check("train"):
+        # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
+        with _timed(metrics, "train"), self._deadline_only("train"):
             model = self._fit(model, self.epochs, seed)
         # Skipped steps report 0 s so that every trial has the same metric columns.
         metrics["prune_s"] = metrics["finetune_s"] = 0.0
@@ -211,9 +232,9 @@ class PipelineEvaluator:
             with _timed(metrics, "prune"), check("prune"):
                 model = prune(model, prune_ratio, example)
             if self.finetune_epochs > 0:
-                with _timed(metrics, "finetune"), check("finetune"):
+                with _timed(metrics, "finetune"), self._deadline_only("finetune"):
                     model = self._fit(model, self.finetune_epochs, seed + 1)
-        with _timed(metrics, "profile"):
+        with _timed(metrics, "profile"), self._computing():
             model = model.cpu().eval()
             params, macs = count_params_macs(model, example)
             torch_val_accuracy = _torch_accuracy(model, x_val, y_val)
@@ -224,13 +245,18 @@ class PipelineEvaluator:
             export_onnx(model, example, fp32_path, opset=self.opset)
         with _timed(metrics, "compress"), check("compress"):
             calibration = dm.sample("train", self.calibration_samples, seed)
-            compress_onnx(fp32_path, fmt, calibration, artifact)
+            compress_onnx(
+                fp32_path, fmt, calibration, artifact,
+                int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
+            )
             # One file per trial: the artifact is the exact file measured below.
             fp32_path.unlink()
         with _timed(metrics, "accuracy"), check("accuracy"):
             val_accuracy = onnx_accuracy(artifact, x_val, y_val)
-        with _timed(metrics, "latency"), check("latency"):
-            stats = measure_latency(artifact, self.latency, input_shape)
+        with _timed(metrics, "latency"), self._deadline_only("latency"):
+            stats, how = self.latency.measure(
+                artifact, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
+            )
         metrics["total_s"] = time.perf_counter() - start
         # Reading and normalising batches (training, fine-tuning): with `data_s`, the trial's data cost.
         metrics["data_load_s"] = getattr(dm, "load_seconds", 0.0) - loaded_before
@@ -242,6 +268,13 @@ class PipelineEvaluator:
             latency_p90_ms=stats.p90_ms,
             latency_mean_ms=stats.mean_ms,
             latency_std_ms=stats.std_ms,
+            latency_p99_ms=stats.p99_ms,
+            latency_cv=stats.cv,
+            latency_resolution_pct=stats.resolution_pct,
+            latency_rounds=float(stats.rounds),
+            latency_runs=float(stats.n_runs),
+            **how,
+            **({"energy_j": stats.energy_j} if stats.energy_j is not None else {}),
             model_bytes=float(artifact.stat().st_size),
             params=float(params),
             macs=float(macs),
@@ -252,14 +285,30 @@ class PipelineEvaluator:
             "prune_ratio": prune_ratio,
             "input_shape": list(input_shape),
             "num_classes": num_classes,
-            "latency_target": self.latency.name,
-            "latency_repeats": stats.n,
+            "latency_target": self.latency.target.name,
+            "latency_source": stats.source,
+            "device_id": stats.device_id,
+            "latency_runs": stats.n_runs,
             "opset": self.opset,
             "torch_threads": self.torch_threads,
         }
         return Evaluation(metrics=metrics, artifact=str(artifact), info=info)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _arch_name(self, candidate: dict[str, Any]) -> str:
+        # The space's readable name (NB201 arch string, macro `conv16k3d2-...`) + the compression: the
+        # cache's "architecture encoding", readable by hwnas-predictor.
+        from hwnas.spaces.candidate import canonical
+
+        name = getattr(self.space, "name", None)
+        return name(candidate) if callable(name) else canonical(candidate)
+
+    @contextmanager
+    def _deadline_only(self, step: str) -> Iterator[None]:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TimeoutError(f"trial ran past its time limit before {step}")
+        yield
+
     @staticmethod
     def _compression(candidate: dict[str, Any]) -> tuple[float, str]:
         # A space whose compression is fixed leaves the keys out (NB201 by default): no pruning, fp32.
@@ -274,7 +323,17 @@ class PipelineEvaluator:
     def _check_deadline(self, step: str) -> Iterator[None]:
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise TimeoutError(f"trial ran past its time limit before {step}")
-        yield
+        with self._computing():
+            yield
+
+    def _computing(self) -> AbstractContextManager[None]:
+        """The node's compute slot while a step computes, when latency is timed on this node: no
+        measurement runs while a trial computes on the same cores (training holds it per batch)."""
+        if not self.latency.isolates_host:
+            return nullcontext()
+        from hwnas.evaluators.measure.lock import compute_slot
+
+        return compute_slot()
 
     def _fit(self, model: nn.Module, epochs: int, seed: int) -> nn.Module:
         from hwnas.evaluators.train import fit

@@ -368,6 +368,42 @@ def _data(extra: Mapping[str, Check]) -> dict[str, Check]:
     }
 
 
+URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?")
+ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def agent_urls(key: str, v: Any) -> None:
+    allowed = "a non-empty list of agent URLs http(s)://HOST:PORT, each once"
+    if not isinstance(v, ListConfig) or len(v) == 0:
+        raise refuse(key, v, allowed)
+    for i, url in enumerate(v):
+        if not isinstance(url, str) or not URL_RE.fullmatch(url):
+            raise refuse(f"{key}[{i}]", url, allowed)
+    if len({str(u).rstrip("/") for u in v}) != len(v):
+        raise refuse(key, v, allowed, "lists a URL twice")
+
+
+def env_name(key: str, v: Any) -> None:
+    if not isinstance(v, str) or not ENV_RE.fullmatch(v):
+        raise refuse(key, v, "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _path_or_null(key: str, v: Any) -> None:
+    if v is not None:
+        text(key, v)
+
+
+# The latency target's timing settings (evaluators/measure), and the keys of conf/hardware that say how
+# latencies are obtained (search/config.PLAN_KEYS).
+TIMING: dict[str, Check] = {
+    "name": text, "provider": one_of("cpu", "cuda"), "threads": integer(1, 1024), "batch_size": integer(1, 65536),
+    "warmup": integer(0, 1_000_000), "repeats": integer(3, 100_000), "block_ms": number(0.01, 10_000),
+    "cv_threshold": number(1e-4, 10), "max_rounds": integer(1, 100),
+    "cache": _path_or_null, "predictor": _path_or_null, "prescreen": boolean,
+}
+LOCAL_TARGET: dict[str, Check] = {**TIMING, "isolate": boolean, "affinity": one_of("auto", "none")}
+
+
 def _schema() -> dict[str, dict[str, Check]]:
     from hwnas.evaluators.training_options import ACCELERATORS, OPTIMIZERS
     from hwnas.search.samplers.rl_controller import REWARDS
@@ -437,9 +473,11 @@ def _schema() -> dict[str, dict[str, Check]]:
             "calibration_samples": integer(1, MAX_COUNT), "opset": integer(13, 30), "torch_threads": integer(1, 1024),
         },
         "hwnas.evaluators.tabular.TabularEvaluator": {"table": text, "key": text},
-        "hwnas.evaluators.latency.LatencyTarget": {
-            "name": text, "provider": one_of("cpu", "cuda"), "threads": integer(1, 1024), "batch_size": integer(1, 65536),
-            "warmup": counts, "repeats": integer(1, MAX_COUNT),
+        "hwnas.evaluators.latency.LatencyTarget": LOCAL_TARGET,
+        "hwnas.evaluators.measure.local.LocalTarget": LOCAL_TARGET,
+        "hwnas.evaluators.measure.remote.RemoteTarget": {
+            **TIMING, "urls": agent_urls, "token_env": env_name,
+            "timeout_s": number(0, 3600, lo_open=True), "retries": integer(0, 100), "backoff_s": number(0, 600),
         },
         "hwnas.search.runners.ray_runner.RayRunner": {
             "max_concurrent": integer(1, MAX_WORKERS),

@@ -21,6 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 # The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
 CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
+# conf/hardware keys that are not the target's: where measurements are cached, a latency predictor,
+# the pre-screen (evaluators/measure/plan.py).
+PLAN_KEYS = ("cache", "predictor", "prescreen")
 GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
 TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", *GROUPS}
 MODES = ("max", "min")
@@ -295,6 +298,8 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
         return
     for key in node.keys():
         if key in ("_target_", "_partial_", "_convert_", "_recursive_"):
+            continue
+        if group == "hardware" and key in PLAN_KEYS:  # how latencies are obtained, not the target's own
             continue
         if key not in allowed:
             raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")

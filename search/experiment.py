@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hwnas.search.broker import Broker
-from hwnas.search.config import ConfigError
+from hwnas.search.config import PLAN_KEYS, ConfigError
 from hwnas.search.export import DATA_FILE, finalize, prepare_export, write_tables
 from hwnas.search.objectives import Objectives
 from hwnas.search.progress import Progress
@@ -27,9 +27,11 @@ from hwnas.search.sweep_state import STATE_FILE, SweepState
 from hwnas.search.trial_log import COMPLETE, TrialLog
 
 if TYPE_CHECKING:
+    from hwnas.evaluators.measure.plan import LatencyPlan
     from hwnas.search.tracking import Tracking
 
 CONFIG_FILE = "config.yaml"
+HARDWARE_FILE = "hardware.json"  # the latency target: device fingerprint, protocol, cache, predictor
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Built:
     runner: Any
     objectives: Objectives
     data: dict[str, Any] | None = None  # the data's summary once prepared (launch.prepare_data)
+    hardware: dict[str, Any] | None = None  # the latency target's device, protocol, cache, predictor (hardware.json)
 
 
 def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -81,12 +84,7 @@ def build_experiment(cfg: DictConfig) -> Built:
     sampler = _build("search", cfg.search)
     if not isinstance(sampler, optuna.samplers.BaseSampler):
         raise ConfigError(f"search._target_: {cfg.search._target_} is not an optuna BaseSampler")
-    latency = _build("hardware", cfg.hardware)
-    if hasattr(latency, "check_available"):
-        try:
-            latency.check_available()
-        except RuntimeError as exc:
-            raise ConfigError(f"hardware: {exc}") from None
+    latency = build_latency(cfg, objectives)
     data = _build("dataset", cfg.dataset)
     evaluator_factory = _build("evaluator", cfg.evaluator)
     offered = {"space": space, "data": data, "latency": latency, "seed": cfg.seed, "objectives": objectives}
@@ -107,6 +105,9 @@ def build_experiment(cfg: DictConfig) -> Built:
             if name not in reported:
                 raise ConfigError(f"objective.budgets.{name}: not reported by the evaluator; allowed: {', '.join(sorted(reported))}")
     runner = _build("runner", cfg.runner)
+    quant = cfg.space.get("quant")
+    if quant is not None and latency.uses_device:
+        _check_formats(list(quant), latency)
     sweep = Sweep(
         space=space,
         sampler=sampler,
@@ -116,11 +117,45 @@ def build_experiment(cfg: DictConfig) -> Built:
         run_dir=Path(cfg.run_dir),
         study_name=cfg.experiment_name,
     )
-    return Built(cfg=cfg, sweep=sweep, runner=runner, objectives=objectives)
+    return Built(cfg=cfg, sweep=sweep, runner=runner, objectives=objectives, hardware=latency.summary())
+
+
+def build_latency(cfg: DictConfig, objectives: Objectives) -> LatencyPlan:
+    """conf/hardware: the target (its own keys), and how latencies are obtained (cache, predictor,
+    prescreen). Checked here, before any work: every agent answers, the predictor loads."""
+    from hwnas.evaluators.measure.plan import LatencyPlan
+
+    node = cfg.hardware
+    bound = objectives.bounds.get("latency_ms")
+    target_node = OmegaConf.create({str(k): node[k] for k in node.keys() if k not in PLAN_KEYS})
+    target = _build("hardware", target_node)
+    try:
+        plan = LatencyPlan(
+            target,
+            cache=node.get("cache"),
+            predictor=node.get("predictor"),
+            prescreen=bool(node.get("prescreen", False)),
+            budget_ms=bound[1] if bound is not None and bound[0] == "upper" else None,
+        )
+        plan.check()
+    except (RuntimeError, ValueError, OSError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(text if text.startswith("hardware") else f"hardware: {text}") from None
+    return plan
+
+
+def _check_formats(formats: list[str], plan: LatencyPlan) -> None:
+    """A numeric format is searched only where the target computes in it (evaluators/measure/formats.py)."""
+    from hwnas.evaluators.measure.formats import check_formats
+
+    try:
+        check_formats(formats, plan.target.provider, plan.target.fingerprint())
+    except ValueError as exc:
+        raise ConfigError(f"space.quant: {str(exc).strip().splitlines()[0]}") from None
 
 
 # Keys a resumed sweep may change: where and how it runs, not what it searches.
-RESUMABLE_PREFIXES = ("resume", "run_dir", "runner", "tracking")
+RESUMABLE_PREFIXES = ("resume", "run_dir", "runner", "tracking", "hardware.cache")
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
@@ -188,8 +223,33 @@ def data_params(data: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def hardware_params(hardware: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The latency target's device and protocol as parent-run params and tags (hardware.json holds all)."""
+    if hardware is None:
+        return {}, {}
+    fp = hardware["fingerprint"]
+    params = {
+        "device.id": hardware["device_id"],
+        "device.cpu": fp.get("cpu_model"),
+        "device.arch": fp.get("arch"),
+        "device.cores": fp.get("logical_cores"),
+        "device.flags": ",".join(fp.get("flags") or []),
+        "device.onnxruntime": fp.get("onnxruntime"),
+        "device.gpu": (fp.get("gpu") or {}).get("name"),
+        "device.os": fp.get("os"),
+        **{f"protocol.{k}": v for k, v in hardware["protocol"].items()},
+        "protocol.key": hardware["protocol_key"],
+        "latency.isolation": hardware["isolation"],
+        "latency.predictor": (hardware.get("predictor") or {}).get("path"),
+    }
+    tags = {"device_id": hardware["device_id"], "device_cpu": str(fp.get("cpu_model")),
+            "protocol_key": hardware["protocol_key"], "latency_target": hardware["target"]}
+    return {k: v for k, v in params.items() if v is not None}, tags
+
+
 def open_tracking(
-    cfg: DictConfig, run_dir: Path, state: SweepState | None, data: dict[str, Any] | None = None
+    cfg: DictConfig, run_dir: Path, state: SweepState | None, data: dict[str, Any] | None = None,
+    hardware: dict[str, Any] | None = None,
 ) -> tuple[Tracking | None, SweepState]:
     """Start (or, resuming, reopen) the sweep's parent run. Fails here, before any trial, if MLflow is unreachable."""
     study_name = state.study_name if state else cfg.experiment_name
@@ -203,11 +263,12 @@ def open_tracking(
             tracking = Tracking(store, run_dir, state.parent_run_id)
             store.op_set_running(state.parent_run_id)
             return tracking, state
+        hw_params, hw_tags = hardware_params(hardware)
         parent = store.create_sweep(
             run_name=run_dir.name,
-            params={**flatten(OmegaConf.to_container(cfg, resolve=True)), **data_params(data)},  # type: ignore[arg-type]
+            params={**flatten(OmegaConf.to_container(cfg, resolve=True)), **data_params(data), **hw_params},  # type: ignore[arg-type]
             tags={"sampler": cfg.search._target_.rsplit(".", 1)[-1], "run_dir": str(run_dir.resolve()),
-                  **({"data_fingerprint": data["fingerprint"]} if data else {})},
+                  **({"data_fingerprint": data["fingerprint"]} if data else {}), **hw_tags},
         )
     except Exception as exc:
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {cfg.tracking.uri!r} ({type(exc).__name__}); allowed: a reachable server or sqlite:///PATH") from None
@@ -236,13 +297,15 @@ def run_sweep(built: Built) -> int:
     cfg, sweep = built.cfg, built.sweep
     sweep.run_dir.mkdir(parents=True, exist_ok=True)
     state = SweepState.load(sweep.run_dir) if cfg.resume else None
-    tracking, state = open_tracking(cfg, sweep.run_dir, state, built.data)
+    tracking, state = open_tracking(cfg, sweep.run_dir, state, built.data, built.hardware)
     if cfg.resume:
         state.resumed_at.append(time.time())
     else:
         (sweep.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if built.data is not None:
         (sweep.run_dir / DATA_FILE).write_text(json.dumps(built.data, indent=1))
+    if built.hardware is not None:
+        (sweep.run_dir / HARDWARE_FILE).write_text(json.dumps(built.hardware, indent=1))
     state.save(sweep.run_dir)
     sweep.study_name = state.study_name
     rows = TrialLog(sweep.run_dir).rows()
@@ -253,9 +316,12 @@ def run_sweep(built: Built) -> int:
             reconcile_tracking(tracking, rows)
         print(f"[hwnas] resuming {sweep.run_dir}: {len(rows)} trials done, {len(retried)} interrupted trial(s) queued again")
     sampler_tag = {"sampler": cfg.search._target_.rsplit(".", 1)[-1]}
+    row_fields = {}
+    if built.hardware is not None:  # every trial row and child run says which device and protocol
+        row_fields = {"device_id": built.hardware["device_id"], "latency_protocol": built.hardware["protocol_key"]}
     recorder = Recorder(
-        sweep.run_dir, built.objectives, tracking, Progress(sweep.n_trials), sampler_tag,
-        when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator),
+        sweep.run_dir, built.objectives, tracking, Progress(sweep.n_trials), {**sampler_tag, **row_fields},
+        when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator), row_fields=row_fields,
     )
     broker = Broker(study, sweep.space, sweep.objectives, sweep.n_trials, recorder)
     status = "FAILED"

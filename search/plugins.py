@@ -249,9 +249,9 @@ def interface_of(group: str) -> tuple[type, str] | None:
 
         return Evaluator, "an Evaluator (hwnas.evaluators.base)"
     if group == "hardware":
-        from hwnas.evaluators.latency import LatencyTarget
+        from hwnas.evaluators.measure.base import Target
 
-        return LatencyTarget, "a LatencyTarget (hwnas.evaluators.latency)"
+        return Target, "a latency Target (hwnas.evaluators.measure.base)"
     if group == "runner":
         from hwnas.search.runners.base import Runner
 

@@ -43,8 +43,12 @@ class Recorder:
         progress: Progress,
         tags: Mapping[str, str],
         when_no_trial_left_to_start: Callable[[], None] | None = None,
+        row_fields: Mapping[str, str] | None = None,
     ) -> None:
+        """`row_fields`: what every trial row carries besides its own numbers, e.g. the latency
+        target's device id and protocol key (one per sweep: a pool of agents is one device)."""
         self.log = TrialLog(run_dir)
+        self.row_fields = dict(row_fields or {})
         self.objectives = objectives
         self.tracking = tracking
         self.progress = progress
@@ -122,6 +126,7 @@ class Recorder:
             "node": node,
             "finished_at": time.time(),
             "error": None,
+            **self.row_fields,
         }
 
     def _end(self, row: dict[str, Any]) -> None:

@@ -46,6 +46,10 @@ class TrialLog:
                         continue
 
 
+# Per-sweep fields every row carries (search/experiment.py): the latency target's device and protocol.
+ROW_FIELDS = ("device_id", "latency_protocol")
+
+
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Flatten rows for trials.csv: id and status columns, then params, then metrics, then error."""
     flat = []
@@ -60,6 +64,10 @@ def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         }
         item.update(r["candidate"])
         item.update(r.get("metrics") or {})
+        # Where and how latency_ms was measured (rows of sweeps before issue 11 have neither).
+        for key in ROW_FIELDS:
+            if key in r:
+                item[key] = r[key]
         item["node"] = r.get("node")
         item["error"] = r.get("error")
         item["artifact"] = r.get("artifact")

@@ -1,0 +1,232 @@
+"""How a sweep gets each candidate's latency: the target, plus the cache, a predictor and a pre-screen.
+
+Built once by the driver from conf/hardware (search/experiment.py) and shipped to every trial:
+
+- measured on the target (conf/hardware: the local CPU under the measurement lock, or a pool of
+  agents), looked up first in the cache, keyed by the ONNX file's SHA-256 + device id + protocol key;
+- or, with `hardware.predictor=PATH`, predicted by a model fitted on that device's measurements
+  (hwnas-predictor fit), every predicted latency carrying the predictor's error;
+- or both, with `hardware.prescreen=true`: a candidate predicted far over the latency budget is not
+  sent to the device (its latency is the prediction, marked so); every other one is measured.
+
+Picklable: the cache and the predictor are opened lazily where a trial runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hwnas.evaluators.measure.base import MeasureError, Target
+from hwnas.evaluators.measure.protocol import Measurement
+
+LATENCY_FILE = "latency.json"  # next to each trial's model.onnx: the whole Measurement, fingerprint included
+
+
+class LatencyPlan:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        cache: str | None = None,
+        predictor: str | None = None,
+        prescreen: bool = False,
+        budget_ms: float | None = None,
+        host: Target | None = None,
+    ) -> None:
+        """`host`: the local target that times candidates on this machine for the predictor's host
+        feature (None: a default single-thread CPU target)."""
+        if prescreen and predictor is None:
+            raise ValueError("hardware.prescreen: true needs hardware.predictor; allowed: a predictor path, or prescreen false")
+        if prescreen and budget_ms is None:
+            raise ValueError("hardware.prescreen: true needs objective.latency_budget_ms; allowed: a budget, or prescreen false")
+        self.target = target
+        self.cache_path = str(Path(cache).resolve()) if cache else None
+        self.predictor_path = str(Path(predictor).resolve()) if predictor else None
+        self.prescreen = bool(prescreen)
+        self.budget_ms = budget_ms
+        self.host = host
+        self._cache: Any = None
+        self._predictor: Any = None
+
+    # -- what the driver asks before the sweep --------------------------------------------------
+    @property
+    def uses_device(self) -> bool:
+        """False when every latency is predicted: the device is not contacted at all."""
+        return self.predictor_path is None or self.prescreen
+
+    @property
+    def isolates_host(self) -> bool:
+        """True when timing runs on this machine and trials must hold the compute lock while they compute."""
+        return self.uses_device and bool(getattr(self.target, "isolate", False))
+
+    @property
+    def int8_full_range(self) -> bool:
+        """int8 with full 8-bit weights where the target's CPU adds u8*s8 pairs without saturating (VNNI,
+        Arm dot product); 7-bit weights elsewhere (evaluators/quantize.py says why)."""
+        from hwnas.evaluators.measure.fingerprint import int8_has_vnni
+
+        fp = self.target.fingerprint() if self.uses_device else self._predictor_fingerprint()
+        return int8_has_vnni(fp) if fp else False
+
+    def check(self) -> None:
+        """Before the sweep: the target answers (remote: every agent), the predictor loads. RuntimeError/ValueError, one line."""
+        if self.uses_device:
+            self.target.check_available()
+        if self.predictor_path is not None:
+            self.predictor()
+        if self.cache_path is not None and Path(self.cache_path).exists():
+            self.cache()  # an existing file must be a cache; a new one is made by the first trial, not here
+
+    def summary(self) -> dict[str, Any]:
+        """hardware.json: which device, which protocol, how latencies were obtained."""
+        from hwnas.evaluators.measure.fingerprint import fingerprint_id
+
+        fp = self.target.fingerprint() if self.uses_device else self._predictor_fingerprint()
+        protocol = self.target.protocol()
+        out: dict[str, Any] = {
+            "target": self.target.name,
+            "kind": type(self.target).__name__,
+            "provider": self.target.provider,
+            "device_id": fingerprint_id(fp) if self.uses_device else self.predictor().device_id,
+            "fingerprint": fp,
+            "protocol": protocol.to_dict(),
+            "protocol_key": protocol.key(),
+            "urls": list(getattr(self.target, "urls", []) or []),
+            "isolation": "measurement lock (node-wide): no trial computes while one times"
+            if self.isolates_host else ("on the device" if self.uses_device else "none (predicted)"),
+            "cache": self.cache_path,
+            "predictor": self._predictor_summary(),
+            "prescreen": self.prescreen,
+        }
+        return out
+
+    # -- what a trial calls -----------------------------------------------------------------------
+    def cache(self) -> Any:
+        if self._cache is None and self.cache_path is not None:
+            from hwnas.evaluators.measure.cache import LatencyCache
+
+            self._cache = LatencyCache(self.cache_path)
+        return self._cache
+
+    def predictor(self) -> Any:
+        if self._predictor is None and self.predictor_path is not None:
+            from hwnas.evaluators.measure.predictor import LatencyPredictor
+
+            self._predictor = LatencyPredictor.load(self.predictor_path)
+        return self._predictor
+
+    def measure(
+        self, artifact: str | Path, *, arch: str, candidate: dict[str, Any], space: str
+    ) -> tuple[Measurement, dict[str, float]]:
+        """The candidate's latency and the metrics that say how it was obtained (latency_source_*)."""
+        artifact = Path(artifact)
+        extra: dict[str, float] = {"latency_cached": 0.0, "latency_predicted": 0.0, "latency_prescreened": 0.0}
+        prediction: dict[str, Any] | None = None
+        if self.predictor_path is not None:
+            prediction = self._predict(artifact, arch=arch, candidate=candidate, space=space)
+            extra.update(
+                latency_pred_ms=prediction["latency_ms"],
+                latency_pred_low_ms=prediction["low_ms"],
+                latency_pred_high_ms=prediction["high_ms"],
+                latency_pred_within10=prediction["within10"],
+                latency_pred_mape=prediction["mape"],
+                latency_pred_spearman=prediction["spearman"],
+                latency_pred_n=float(prediction["n_fit"]),
+            )
+            far_over = self.budget_ms is not None and prediction["low_ms"] > self.budget_ms
+            if not self.prescreen or far_over:
+                extra["latency_predicted"] = 1.0
+                extra["latency_prescreened"] = 1.0 if self.prescreen else 0.0
+                m = self._predicted_measurement(prediction)
+                self._write(artifact, m, prediction)
+                return m, extra
+        m = self._device(artifact, arch=arch, candidate=candidate, space=space)
+        if m.source == "cache":
+            extra["latency_cached"] = 1.0
+        self._write(artifact, m, prediction)
+        return m, extra
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _device(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> Measurement:
+        from hwnas.evaluators.measure.cache import file_sha256
+        from hwnas.evaluators.measure.fingerprint import fingerprint_id
+
+        cache = self.cache()
+        if cache is None:
+            return self.target.measure(artifact)
+        sha = file_sha256(artifact)
+        device_id = fingerprint_id(self.target.fingerprint())
+        key = self.target.protocol().key()
+        hit = cache.get(sha, device_id, key)
+        if hit is not None:
+            return _with_source(hit, "cache")
+        m = self.target.measure(artifact)
+        if m.device_id and m.device_id != device_id:
+            raise MeasureError(f"{artifact.name}: measured on device {m.device_id}, expected {device_id}; "
+                               "a latency is never taken from another device")
+        cache.put(sha, device_id, key, m, arch=arch, candidate=candidate, space=space)
+        return m
+
+    def _host(self) -> Target:
+        if self.host is None:
+            from hwnas.evaluators.measure.local import LocalTarget
+
+            self.host = LocalTarget(name="host-cpu-1thread", provider="cpu")
+        return self.host
+
+    def _predict(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> dict[str, Any]:
+        from hwnas.evaluators.measure.cache import file_sha256
+        from hwnas.evaluators.measure.fingerprint import fingerprint_id
+
+        host = self._host()
+        cache = self.cache()
+        host_m: Measurement | None = None
+        if cache is not None:  # the host's own latency is a measurement too: never taken twice
+            sha, device_id, key = file_sha256(artifact), fingerprint_id(host.fingerprint()), host.protocol().key()
+            host_m = cache.get(sha, device_id, key)
+            if host_m is None:
+                host_m = host.measure(artifact)
+                cache.put(sha, device_id, key, host_m, arch=arch, candidate=candidate, space=space)
+        else:
+            host_m = host.measure(artifact)
+        p = self.predictor().predict_onnx(artifact, host_m.median_ms)
+        return {
+            "latency_ms": p.latency_ms, "low_ms": p.latency_low_ms, "high_ms": p.latency_high_ms,
+            "within10": p.within10_share, "mape": p.mape, "spearman": p.spearman, "n_fit": p.n_fit,
+            "outside_range": p.outside_range, "device_id": p.device_id, "host_ms": host_m.median_ms,
+        }
+
+    def _predictor_fingerprint(self) -> dict[str, Any]:
+        # A table the user measured may come without a fingerprint: then only its device id is known.
+        return dict(self.predictor().doc.get("fingerprint") or {})
+
+    def _predictor_summary(self) -> dict[str, Any] | None:
+        if self.predictor_path is None:
+            return None
+        p = self.predictor()
+        return {"path": self.predictor_path, "device_id": p.device_id, "space": p.space, "family": p.family,
+                "n_fit": p.n_fit, "error": p.error, "summary": p.summary()}
+
+    def _predicted_measurement(self, p: dict[str, Any]) -> Measurement:
+        predictor = self.predictor()
+        nan = math.nan
+        return Measurement(
+            median_ms=float(p["latency_ms"]), p90_ms=nan, p99_ms=nan, mean_ms=nan, std_ms=nan, cv=nan,
+            resolution_pct=nan, n_runs=0, n_blocks=0, runs_per_block=0, rounds=0,
+            provider=self.target.provider, intra_op_threads=0, input_shape=(), output_shape=(),
+            protocol={}, fingerprint=self._predictor_fingerprint(), device_id=predictor.device_id, source="predicted",
+        )
+
+    @staticmethod
+    def _write(artifact: Path, m: Measurement, prediction: dict[str, Any] | None) -> None:
+        record = {"measurement": m.to_dict(), "prediction": prediction}
+        (artifact.parent / LATENCY_FILE).write_text(json.dumps(record, indent=1, default=float))
+
+
+def _with_source(m: Measurement, source: str) -> Measurement:
+    from dataclasses import replace
+
+    return replace(m, source=source)

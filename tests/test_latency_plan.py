@@ -1,0 +1,109 @@
+"""How a sweep records latency: the device and protocol of every figure, the cache across sweeps, and
+formats refused where the target does not compute in them. Real sweeps (local runner: trials in the
+driver process, measured with ONNX Runtime under the node's measurement lock), a real MLflow SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import hwnas, mlflow_runs, output_of, read_jsonl
+
+from hwnas.evaluators.measure.fingerprint import device_fingerprint, fingerprint_id
+from hwnas.evaluators.measure.protocol import Measurement
+
+FAST = ("experiment=smoke", "runner=local", "n_trials=3", "space.quant=[fp32,int8]", "hardware.repeats=5",
+        "hardware.block_ms=0.5", "evaluator.epochs=1", "evaluator.finetune_epochs=0")
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """Two sweeps of one experiment folder: the second proposes the same candidates (same seed)."""
+    tmp = tmp_path_factory.mktemp("plan")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    first, second = tmp / "exp" / "a", tmp / "exp" / "b"
+    for run_dir in (first, second):
+        proc = hwnas(*FAST, f"run_dir={run_dir}", f"tracking.uri={uri}", timeout=600)
+        assert proc.returncode == 0, output_of(proc)
+    return first, second, uri
+
+
+def test_every_figure_names_its_device_and_protocol(two_sweeps: tuple[Path, Path, str]) -> None:
+    first, _, uri = two_sweeps
+    hardware = json.loads((first / "hardware.json").read_text())
+    here = fingerprint_id(device_fingerprint("cpu"))
+    assert hardware["device_id"] == here and hardware["kind"] == "LocalTarget"
+    assert hardware["fingerprint"]["cpu_model"] and "isolation" in hardware
+    assert hardware["protocol"]["blocks"] == 5 and hardware["protocol"]["block_s"] == pytest.approx(0.0005)
+
+    trials = pd.read_csv(first / "trials.csv")
+    assert (trials["status"] == "COMPLETE").all(), trials["error"].tolist()
+    assert (trials["device_id"] == here).all() and (trials["latency_protocol"] == hardware["protocol_key"]).all()
+    for col in ("latency_p99_ms", "latency_cv", "latency_resolution_pct", "latency_rounds", "latency_runs"):
+        assert trials[col].notna().all(), col
+    assert (trials["latency_cached"] == 0).all() and (trials["latency_predicted"] == 0).all()
+    for row in read_jsonl(first / "trials.jsonl"):
+        record = json.loads((Path(row["artifact"]).parent / "latency.json").read_text())
+        m = Measurement.from_dict(record["measurement"])
+        assert m.device_id == here and m.median_ms == pytest.approx(row["metrics"]["latency_ms"])
+        assert m.source == "measured" and m.protocol == hardware["protocol"]
+
+    parents, children = mlflow_runs(uri, "hwnas-smoke")
+    parent = next(p for p in parents if p.data.tags["run_dir"] == str(first.resolve()))
+    assert parent.data.tags["device_id"] == here and parent.data.tags["protocol_key"] == hardware["protocol_key"]
+    assert parent.data.params["device.id"] == here and parent.data.params["protocol.blocks"] == "5"
+    assert parent.data.params["device.cpu"] == hardware["fingerprint"]["cpu_model"]
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert len(mine) == 3 and all(c.data.tags["device_id"] == here for c in mine)
+    assert all("latency_cv" in c.data.metrics for c in mine)
+
+
+def test_a_file_is_never_measured_twice_on_one_device(two_sweeps: tuple[Path, Path, str]) -> None:
+    first, second, _ = two_sweeps
+    a, b = pd.read_csv(first / "trials.csv"), pd.read_csv(second / "trials.csv")
+    # Same seed, same candidates, same trained weights: byte-identical files, answered from the cache.
+    assert list(a["arch_id"]) == list(b["arch_id"])
+    assert (b["latency_cached"] == 1).all()
+    assert list(b["latency_ms"]) == pytest.approx(list(a["latency_ms"]))
+    assert b["latency_s"].max() < a["latency_s"].min()
+    assert (first.parent / "latency_cache.sqlite").is_file()
+    rows = read_jsonl(second / "trials.jsonl")
+    assert all(json.loads((Path(r["artifact"]).parent / "latency.json").read_text())["measurement"]["source"] == "cache"
+               for r in rows)
+
+
+def test_a_format_the_target_does_not_compute_is_refused_before_any_work(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exp" / "run"
+    proc = hwnas("experiment=smoke", "runner=local", "space.quant=[fp32,fp16]", f"run_dir={run_dir}",
+                 "tracking.enabled=false")
+    assert proc.returncode == 2, output_of(proc)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "space.quant" in line and "fp16" in line and "allowed:" in line and "fp32" in line
+    assert not (tmp_path / "exp").exists()  # no run folder, no cache file: nothing was written
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("hardware.prescreen=true", "hardware.prescreen"),
+        ("hardware.predictor=/nonexistent/model.json", "hardware"),
+        ("hardware.cache=7", "hardware.cache"),
+        ("hardware.block_ms=0", "hardware.block_ms"),
+        ("hardware.affinity=all", "hardware.affinity"),
+    ],
+)
+def test_bad_plan_settings_are_one_line_exit_2(tmp_path: Path, override: str, needle: str) -> None:
+    proc = hwnas("experiment=smoke", "runner=local", "space.quant=[fp32]", override,
+                 f"run_dir={tmp_path / 'run'}", "tracking.enabled=false")
+    assert proc.returncode == 2, output_of(proc)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert needle in line and "allowed" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_accepts_remote_only_with_urls(tmp_path: Path) -> None:
+    proc = hwnas("experiment=smoke", "hardware=remote", f"run_dir={tmp_path / 'run'}", "tracking.enabled=false")
+    assert proc.returncode == 2 and "hardware.urls" in proc.stderr, output_of(proc)
