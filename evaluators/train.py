@@ -107,10 +107,10 @@ class ComputeSlot(pl.Callback):
     def on_train_batch_end(self, *args: Any) -> None:
         self._release()
 
-    def on_exception(self, *args: Any) -> None:
+    def on_exception(self, *args: Any, **kwargs: Any) -> None:
         self._release()
 
-    def teardown(self, *args: Any) -> None:
+    def teardown(self, *args: Any, **kwargs: Any) -> None:
         self._release()
 
     def _release(self) -> None:
