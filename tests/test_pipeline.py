@@ -17,7 +17,8 @@ from hwnas.evaluators.pipeline import STEPS, PipelineEvaluator
 from hwnas.evaluators.train import fit
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-CASES = [(q, r) for q in ("fp32", "fp16", "int8") for r in (0.0, 0.5)]
+# fp16 is not a CPU format (the CPU EP would cast around fp32 kernels): refused, see below.
+CASES = [(q, r) for q in ("fp32", "int8") for r in (0.0, 0.5)]
 METRICS = {
     "val_accuracy",
     "torch_val_accuracy",
@@ -109,7 +110,9 @@ def test_metrics_present_and_sane(results, case):
     ev, trial_dir = results[case]
     m = ev.metrics
     assert METRICS <= set(m)
-    assert set(m) == make_evaluator().metric_names
+    assert set(m) <= make_evaluator().metric_names
+    # Measured here, now: not from a cache, not predicted; no energy meter on this VM (no RAPL files).
+    assert m["latency_cached"] == 0.0 and m["latency_predicted"] == 0.0 and "latency_pred_ms" not in m
     assert all(isinstance(v, float) for v in m.values())
     assert 0.8 < m["val_accuracy"] <= 1.0  # 4 learnable classes: chance is 0.25
     assert abs(m["val_accuracy"] - m["torch_val_accuracy"]) <= 0.05
@@ -123,7 +126,7 @@ def test_metrics_present_and_sane(results, case):
     steps = sum(m[f"{s}_s"] for s in STEPS)
     assert 0 < steps <= m["total_s"] + 1e-9
     # The artifact is the one file in the trial dir, and it is exactly what was measured.
-    assert sorted(p.name for p in trial_dir.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["latency.json", "model.onnx"]
     assert Path(ev.artifact) == trial_dir / "model.onnx"
     assert m["model_bytes"] == Path(ev.artifact).stat().st_size
     x, y = make_evaluator().data.arrays("val")
@@ -133,15 +136,19 @@ def test_metrics_present_and_sane(results, case):
 
 def test_pruning_shrinks_and_quantization_compresses(results):
     m = {case: ev.metrics for case, (ev, _) in results.items()}
-    for quant in ("fp32", "fp16", "int8"):
+    for quant in ("fp32", "int8"):
         assert m[(quant, 0.5)]["params"] < 0.6 * m[(quant, 0.0)]["params"]
         assert m[(quant, 0.5)]["macs"] < 0.6 * m[(quant, 0.0)]["macs"]
         assert m[(quant, 0.5)]["model_bytes"] < m[(quant, 0.0)]["model_bytes"]
         assert m[(quant, 0.0)]["prune_s"] == 0.0 and m[(quant, 0.0)]["finetune_s"] == 0.0
-    assert m[("fp16", 0.0)]["model_bytes"] < m[("fp32", 0.0)]["model_bytes"]
-    # Same architecture, same trial seed: the unpruned fp32 and fp16 start from identical trained weights.
-    assert m[("fp32", 0.0)]["torch_val_accuracy"] == m[("fp16", 0.0)]["torch_val_accuracy"]
+    # Same architecture, same trial seed: the unpruned fp32 and int8 start from identical trained weights.
+    assert m[("fp32", 0.0)]["torch_val_accuracy"] == m[("int8", 0.0)]["torch_val_accuracy"]
     assert m[("fp32", 0.0)]["params"] == m[("int8", 0.0)]["params"]
+
+
+def test_fp16_is_refused_on_the_cpu_target(evaluator, tmp_path):
+    with pytest.raises(ValueError, match="fp16.*cpu.*allowed"):
+        evaluator.evaluate({"width": 16, "block": "separable", "prune_ratio": 0.0, "quant": "fp16"}, tmp_path)
 
 
 def test_evaluation_is_reproducible(evaluator, results, tmp_path):
