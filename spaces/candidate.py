@@ -10,7 +10,8 @@ from typing import Any
 # Keys that compress a network rather than define it: `net_id` ignores them so that the
 # int8 and fp32 versions of one architecture can be paired up in reports.
 COMPRESSION_KEYS = frozenset({"prune_ratio", "quant"})
-# Numeric formats a candidate may ask for (`quant`); evaluators.quantize produces each of them.
+# Numeric formats a candidate may ask for (`quant`); evaluators.quantize produces each of them, and
+# evaluators.measure.formats says on which targets each is real compute (int4: weight-only linear layers).
 FORMATS = ("fp32", "fp16", "int8", "int4")
 
 
