@@ -1,0 +1,190 @@
+"""Latency cache: one SQLite file, keyed by (sha256 of the ONNX bytes, device id, protocol key).
+
+An identical file is never timed twice on the same device with the same protocol, across trials and
+sweeps. Several processes (Ray workers on one node) may read and write one file at once: WAL
+journal, a busy timeout, and each write its own short transaction (INSERT OR REPLACE: the newest
+measurement of a key wins). A row that no longer parses is skipped with a warning, never raised:
+a sweep must not die on one bad cache row. `table()` is the "latency table for my hardware".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+TABLE_COLUMNS = (
+    "arch", "latency_ms", "p90_ms", "p99_ms", "cv", "device_id", "cpu_model", "provider", "protocol_key",
+    "sha256", "space", "candidate",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hwnas_latency_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hwnas_latency (
+    sha256 TEXT NOT NULL, device_id TEXT NOT NULL, protocol_key TEXT NOT NULL,
+    measurement TEXT NOT NULL, arch TEXT NOT NULL, candidate TEXT NOT NULL, space TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (sha256, device_id, protocol_key)
+);
+"""
+
+
+# ---- Measurement adapter: protocol.Measurement once H1's protocol.py lands, plain dicts until then ----
+
+
+def _measurement_type() -> Any:
+    try:
+        from hwnas.evaluators.measure.protocol import Measurement
+    except ImportError:
+        return None
+    return Measurement
+
+
+def measurement_to_dict(m: Any) -> dict[str, Any]:
+    if isinstance(m, Mapping):
+        d = dict(m)
+    elif hasattr(m, "to_dict"):
+        d = m.to_dict()
+    else:
+        raise TypeError(f"measurement: {type(m).__name__} is not a Measurement; allowed: protocol.Measurement or its to_dict()")
+    median = d.get("median_ms")
+    if isinstance(median, bool) or not isinstance(median, (int, float)) or not median > 0:
+        raise ValueError(f"measurement.median_ms: {median!r} is not a latency; allowed: a positive number of ms")
+    return d
+
+
+def measurement_from_dict(d: dict[str, Any], *, source: str = "cache") -> Any:
+    """protocol.Measurement (source="cache") when the protocol module exists, else the dict itself."""
+    cls = _measurement_type()
+    if cls is None:
+        return {**d, "source": source}
+    return cls.from_dict({**d, "source": source})
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LatencyCache:
+    """get/put measurements; `table()` exports them, `devices()` lists the devices in the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"latency cache: {str(self.path)!r} is a folder; allowed: an SQLite file (new or made by hwnas)")
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            if head and head != b"SQLite format 3\x00":
+                raise ValueError(f"latency cache: {str(self.path)!r} is not an SQLite file; allowed: an SQLite file (new or made by hwnas)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._connect() as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "hwnas_latency" not in tables:
+                    raise ValueError(
+                        f"latency cache: {str(self.path)!r} is an SQLite file of something else (tables: "
+                        f"{', '.join(sorted(tables))[:80]}); allowed: a latency cache made by hwnas, or a new path"
+                    )
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO hwnas_latency_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                version = conn.execute("SELECT value FROM hwnas_latency_meta WHERE key='schema_version'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"latency cache: {str(self.path)!r} cannot be used ({exc}); allowed: an SQLite file made by hwnas") from None
+        if version != str(SCHEMA_VERSION):
+            raise ValueError(f"latency cache: {str(self.path)!r} has schema {version}; allowed: {SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # WAL: readers never block the one writer; a killed writer leaves no half row. Needs a local file system.
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def get(self, sha256: str, device_id: str, protocol_key: str) -> Any | None:
+        """The cached Measurement (source "cache") of this file on this device with this protocol, or None."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT measurement FROM hwnas_latency WHERE sha256=? AND device_id=? AND protocol_key=?",
+                (sha256, device_id, protocol_key),
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return measurement_from_dict(json.loads(row[0]))
+        except (ValueError, TypeError, KeyError) as exc:
+            warnings.warn(f"latency cache {self.path}: row {sha256[:12]}/{device_id}/{protocol_key} is corrupt ({exc}); measuring again",
+                          stacklevel=2)
+            return None
+
+    def put(
+        self, sha256: str, device_id: str, protocol_key: str, m: Any, *, arch: str, candidate: Mapping[str, Any], space: str
+    ) -> None:
+        if not (isinstance(sha256, str) and len(sha256) == 64):
+            raise ValueError(f"sha256: {sha256!r} is not a SHA-256 hex digest; allowed: file_sha256(onnx_path)")
+        for key, value in (("device_id", device_id), ("protocol_key", protocol_key), ("arch", arch), ("space", space)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key}: {value!r} is empty; allowed: a non-empty string")
+        record = json.dumps(measurement_to_dict(m), sort_keys=True)
+        cand = json.dumps(dict(candidate), sort_keys=True)
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO hwnas_latency VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sha256, device_id, protocol_key, record, arch, cand, space, time.time()),
+            )
+
+    def devices(self) -> list[str]:
+        with self._connect() as conn:
+            return [r[0] for r in conn.execute("SELECT DISTINCT device_id FROM hwnas_latency ORDER BY device_id")]
+
+    def __len__(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM hwnas_latency").fetchone()[0])
+
+    def table(self, device_id: str | None = None) -> pd.DataFrame:
+        """One row per cached measurement (columns TABLE_COLUMNS), oldest first; corrupt rows skipped with a warning."""
+        query = "SELECT sha256, device_id, protocol_key, measurement, arch, candidate, space FROM hwnas_latency"
+        args: tuple[str, ...] = ()
+        if device_id is not None:
+            query, args = query + " WHERE device_id=?", (device_id,)
+        with self._connect() as conn:
+            rows = conn.execute(query + " ORDER BY created, rowid", args).fetchall()
+        out = []
+        bad = 0
+        for sha, dev, proto, meas, arch, cand, space in rows:
+            try:
+                m = json.loads(meas)
+                latency = float(m["median_ms"])
+                if not latency > 0:
+                    raise ValueError("median_ms <= 0")
+                fingerprint = m.get("fingerprint") or {}
+                out.append({
+                    "arch": arch, "latency_ms": latency, "p90_ms": _num(m.get("p90_ms")), "p99_ms": _num(m.get("p99_ms")),
+                    "cv": _num(m.get("cv")), "device_id": dev,
+                    "cpu_model": str(fingerprint.get("cpu_model", "")) if isinstance(fingerprint, dict) else "",
+                    "provider": str(m.get("provider", "")), "protocol_key": proto, "sha256": sha, "space": space,
+                    "candidate": json.dumps(json.loads(cand), sort_keys=True),
+                })
+            except (ValueError, TypeError, KeyError, AttributeError):
+                bad += 1
+        if bad:
+            warnings.warn(f"latency cache {self.path}: {bad} corrupt row(s) skipped", stacklevel=2)
+        return pd.DataFrame(out, columns=list(TABLE_COLUMNS))
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
