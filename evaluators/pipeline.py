@@ -248,6 +248,7 @@ class PipelineEvaluator:
             compress_onnx(
                 fp32_path, fmt, calibration, artifact,
                 int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
+                fingerprint=self.latency.fingerprint() or None,
             )
             # One file per trial: the artifact is the exact file measured below.
             fp32_path.unlink()

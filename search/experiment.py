@@ -241,6 +241,7 @@ def hardware_params(hardware: dict[str, Any] | None) -> tuple[dict[str, Any], di
         "protocol.key": hardware["protocol_key"],
         "latency.isolation": hardware["isolation"],
         "latency.predictor": (hardware.get("predictor") or {}).get("path"),
+        **{f"format.{fmt}": computes for fmt, computes in (hardware.get("formats") or {}).items()},
     }
     tags = {"device_id": hardware["device_id"], "device_cpu": str(fp.get("cpu_model")),
             "protocol_key": hardware["protocol_key"], "latency_target": hardware["target"]}

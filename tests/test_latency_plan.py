@@ -37,6 +37,8 @@ def test_every_figure_names_its_device_and_protocol(two_sweeps: tuple[Path, Path
     here = fingerprint_id(device_fingerprint("cpu"))
     assert hardware["device_id"] == here and hardware["kind"] == "LocalTarget"
     assert hardware["fingerprint"]["cpu_model"] and "isolation" in hardware
+    # What each format computes on this target; fp16 is not offered on a CPU (it would compute in fp32).
+    assert "fp16" not in hardware["formats"] and "MatMulNBits" in hardware["formats"]["int4"]
     assert hardware["protocol"]["blocks"] == 5 and hardware["protocol"]["block_s"] == pytest.approx(0.0005)
 
     trials = pd.read_csv(first / "trials.csv")
@@ -56,6 +58,7 @@ def test_every_figure_names_its_device_and_protocol(two_sweeps: tuple[Path, Path
     assert parent.data.tags["device_id"] == here and parent.data.tags["protocol_key"] == hardware["protocol_key"]
     assert parent.data.params["device.id"] == here and parent.data.params["protocol.blocks"] == "5"
     assert parent.data.params["device.cpu"] == hardware["fingerprint"]["cpu_model"]
+    assert parent.data.params["format.int8"] == hardware["formats"]["int8"]
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
     assert len(mine) == 3 and all(c.data.tags["device_id"] == here for c in mine)
     assert all("latency_cv" in c.data.metrics for c in mine)

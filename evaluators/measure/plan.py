@@ -62,6 +62,18 @@ class LatencyPlan:
         """True when timing runs on this machine and trials must hold the compute lock while they compute."""
         return self.uses_device and bool(getattr(self.target, "isolate", False))
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The target device's fingerprint (the predictor's when every latency is predicted)."""
+        return self.target.fingerprint() if self.uses_device else self._predictor_fingerprint()
+
+    def formats(self) -> dict[str, str]:
+        """What each numeric format offered on this target really computes (formats refused here are absent)."""
+        from hwnas.evaluators.measure.formats import format_support
+
+        fp = self.fingerprint()
+        supports = {fmt: format_support(fmt, self.target.provider, fp) for fmt in ("fp32", "fp16", "int8", "int4")}
+        return {fmt: s.computes for fmt, s in supports.items() if s.ok}
+
     @property
     def int8_full_range(self) -> bool:
         """int8 with full 8-bit weights where the target's CPU adds u8*s8 pairs without saturating (VNNI,
@@ -100,6 +112,7 @@ class LatencyPlan:
             "cache": self.cache_path,
             "predictor": self._predictor_summary(),
             "prescreen": self.prescreen,
+            "formats": self.formats() if fp else {},
         }
         return out
 
