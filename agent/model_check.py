@@ -94,7 +94,8 @@ def parse(data: bytes) -> ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise ModelRejected(f"not an ONNX file: protobuf cannot parse it ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0].strip("\"' ")
+        raise ModelRejected(f"not an ONNX file: protobuf cannot parse it ({why})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         # Many byte strings parse as a protobuf with only unknown fields; a model has a graph and an IR version.
         raise ModelRejected("not an ONNX file: no graph or no ir_version after parsing")
