@@ -42,10 +42,12 @@ SMALL = ("host_ms", "macs", "params", "nodes")
 # node count (per-op overhead) and host latency fits structure a log-linear model cannot.
 ADDITIVE_SMALL = ("host_ms", "macs", "nodes")
 ADDITIVE_KINDS = ("host_ms", *(f"macs_{k}" for k in KINDS), "nodes", "activation_bytes")
-FAMILIES = ("linear_host", "linear4", "additive3", "additive_kinds", "linear_all", "gbr_resid", "rf_resid")
+# Per-kind work and per-kind node counts: each kind of op has its own per-call overhead on a device.
+ADDITIVE_NODES = ("host_ms", *(f"macs_{k}" for k in KINDS), *(f"nodes_{k}" for k in KINDS))
+FAMILIES = ("linear_host", "linear4", "additive3", "additive_kinds", "additive_nodes", "linear_all", "gbr_resid", "rf_resid")
 # Fewest device measurements a family is tried at: about two per free parameter, so that leave-one-out
 # selection among families is not won by a model that merely has room to fit 10 points.
-MIN_N = {"linear_host": 5, "linear4": 8, "additive3": 8, "additive_kinds": 20, "linear_all": 50,
+MIN_N = {"linear_host": 5, "linear4": 8, "additive3": 8, "additive_kinds": 20, "additive_nodes": 20, "linear_all": 50,
          "gbr_resid": MIN_TREES, "rf_resid": MIN_TREES}
 
 
@@ -180,6 +182,8 @@ def _fit_family(family: str, x: np.ndarray, y: np.ndarray, seed: int) -> dict[st
         return _fit_additive(_raw(x), np.exp(y), ADDITIVE_SMALL)
     if family == "additive_kinds":
         return _fit_additive(_raw(x), np.exp(y), ADDITIVE_KINDS)
+    if family == "additive_nodes":
+        return _fit_additive(_raw(x), np.exp(y), ADDITIVE_NODES)
     if family == "linear_host":
         return _fit_linear(x, y, ("host_ms",))
     if family == "linear4":
