@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,11 @@ def prepare(cfg: DictConfig) -> Built:
 
     prepare_run_dir(cfg)
     built = build_experiment(cfg)
+    if built.hardware is not None:
+        print(f"[hwnas] latency: {describe_hardware(built.hardware)}")
+        mismatch = (built.hardware.get("predictor") or {}).get("host_mismatch")
+        if mismatch:
+            print(f"[hwnas] warning: {mismatch}", file=sys.stderr)
     try:
         check_reachable(cfg)
     except ValueError as exc:
@@ -142,6 +148,25 @@ def _data_os_error(exc: OSError, cfg: DictConfig) -> str:
     else:
         key, allowed = "dataset", "a readable data source and a writable run_dir (or dataset.cache_dir)"
     return f"{key}: {type(exc).__name__}: {exc.strerror or exc}{f' ({file!r})' if file else ''}; allowed: {allowed}"
+
+
+def describe_hardware(h: dict[str, Any]) -> str:
+    """One line: where latencies come from, on which device, with which protocol."""
+    fp = h.get("fingerprint") or {}
+    device = f"{fp.get('cpu_model') or 'device'}{' / ' + fp['gpu']['name'] if fp.get('gpu') else ''} (id {h['device_id']})"
+    where = f"{len(h['urls'])} agent(s)" if h.get("urls") else "this machine"
+    p = h["protocol"]
+    how = (f"{p['blocks']} blocks of >= {p['block_s'] * 1000:g} ms, {p['threads']} thread(s), batch {p['batch_size']}, "
+           f"repeated while CV > {p['cv_threshold']:g}")
+    predictor = h.get("predictor")
+    source = f"measured on {where}"
+    if predictor:
+        e = predictor["error"]
+        figures = f"{e['within10']:.0%} within +-10%, MAPE {e['mape']:.1f}%, rank {e['spearman']:.2f}, n={e['n_fit']}"
+        source = (f"predicted ({figures}); candidates predicted over budget skipped, others {source}"
+                  if h.get("prescreen") else f"predicted for device {predictor['device_id']} ({figures})")
+    cache = f"; cache {h['cache']}" if h.get("cache") else ""
+    return f"{h['target']} {source}: {device}; {how}; isolation: {h['isolation']}{cache}"
 
 
 def describe_data(summary: dict[str, Any]) -> str:

@@ -110,3 +110,78 @@ def test_bad_plan_settings_are_one_line_exit_2(tmp_path: Path, override: str, ne
 def test_cli_accepts_remote_only_with_urls(tmp_path: Path) -> None:
     proc = hwnas("experiment=smoke", "hardware=remote", f"run_dir={tmp_path / 'run'}", "tracking.enabled=false")
     assert proc.returncode == 2 and "hardware.urls" in proc.stderr, output_of(proc)
+
+
+# ---- a predictor instead of (or before) the device ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A predictor fitted on 12 smoke-space networks for a synthetic device (2.5x this host + 5 µs):
+    no second device exists here, so the device's latencies are made up; the fit, the file, the
+    features and this host's timings are real."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from hwnas.evaluators.measure.features import feature_row, onnx_features
+    from hwnas.evaluators.measure.predictor import LatencyPredictor
+    from hwnas.evaluators.measure.predictor_cli import host_target
+    from hwnas.evaluators.onnx_export import export_onnx
+    from hwnas.spaces.macro_cnn import MacroCNNSpace
+
+    tmp = tmp_path_factory.mktemp("predictor")
+    space_cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "space" / "macro_cnn.yaml"))
+    space_cfg.pop("_target_")
+    space = MacroCNNSpace(**{**space_cfg, "n_stages": [1, 2], "depths": [1], "widths": [8, 16, 24, 32]})
+    host = host_target("fast")
+    rows, device_ms = [], []
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(12):
+        candidate = space.suggest(study.ask())
+        path = export_onnx(space.build(candidate, (1, 16, 16), 4).eval(), torch.zeros(1, 1, 16, 16), tmp / f"{i}.onnx", opset=17)
+        host_ms = host.measure(path).median_ms
+        rows.append(feature_row(onnx_features(path), host_ms))
+        device_ms.append(2.5 * host_ms + 0.005)
+    predictor = LatencyPredictor.fit(rows, device_ms, device_id="synthetic-device", space="macro_cnn",
+                                     context={"host_protocol": "fast"})
+    return predictor.save(tmp / "device.json")
+
+
+def test_predicted_latencies_carry_the_predictor_error(tmp_path: Path, predictor_file: Path) -> None:
+    run_dir = tmp_path / "exp" / "run"
+    proc = hwnas(*FAST, f"run_dir={run_dir}", "tracking.enabled=false", f"hardware.predictor={predictor_file}")
+    assert proc.returncode == 0, output_of(proc)
+    assert "predicted for device synthetic-device" in proc.stdout
+    hardware = json.loads((run_dir / "hardware.json").read_text())
+    assert hardware["device_id"] == "synthetic-device" and hardware["predictor"]["n_fit"] == 12
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert (trials["status"] == "COMPLETE").all(), trials["error"].tolist()
+    assert (trials["latency_predicted"] == 1).all() and (trials["device_id"] == "synthetic-device").all()
+    assert list(trials["latency_ms"]) == pytest.approx(list(trials["latency_pred_ms"]))
+    assert (trials["latency_pred_low_ms"] <= trials["latency_ms"]).all()
+    assert (trials["latency_ms"] <= trials["latency_pred_high_ms"]).all()
+    assert (trials["latency_pred_n"] == 12).all() and trials["latency_pred_within10"].between(0, 1).all()
+    for row in read_jsonl(run_dir / "trials.jsonl"):
+        record = json.loads((Path(row["artifact"]).parent / "latency.json").read_text())
+        assert record["measurement"]["source"] == "predicted" and record["prediction"]["host_ms"] > 0
+
+
+@pytest.mark.parametrize(("budget", "prescreened"), [(1e-6, 1.0), (1000.0, 0.0)])
+def test_prescreen_skips_only_candidates_predicted_far_over_budget(
+    tmp_path: Path, predictor_file: Path, budget: float, prescreened: float
+) -> None:
+    run_dir = tmp_path / "exp" / "run"
+    proc = hwnas(*FAST, f"run_dir={run_dir}", "tracking.enabled=false", f"hardware.predictor={predictor_file}",
+                 "hardware.prescreen=true", f"objective.latency_budget_ms={budget}")
+    assert proc.returncode == 0, output_of(proc)
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert (trials["status"] == "COMPLETE").all(), trials["error"].tolist()
+    assert (trials["latency_prescreened"] == prescreened).all()
+    assert (trials["latency_predicted"] == prescreened).all()
+    assert trials["latency_pred_ms"].notna().all()  # the prediction is recorded either way
+    if prescreened:  # never sent to the device: the latency is the prediction, and over budget
+        assert (trials["feasible"] == False).all()  # noqa: E712
+    else:  # measured on the device (this machine): a real protocol's figures
+        assert (trials["latency_runs"] > 0).all() and (trials["device_id"] == fingerprint_id(device_fingerprint("cpu"))).all()

@@ -184,11 +184,25 @@ class LatencyPlan:
         return m
 
     def _host(self) -> Target:
+        """This machine timed with the protocol the predictor's host feature was fitted with."""
         if self.host is None:
-            from hwnas.evaluators.measure.local import LocalTarget
+            from hwnas.evaluators.measure.predictor_cli import host_target
 
-            self.host = LocalTarget(name="host-cpu-1thread", provider="cpu")
+            context = self.predictor().context or {}
+            self.host = host_target(str(context.get("host_protocol", "default")))
         return self.host
+
+    def host_mismatch(self) -> str | None:
+        """A line when the predictor's host feature was timed on another machine than this one: its
+        predictions here carry an error its figures do not show."""
+        from hwnas.evaluators.measure.fingerprint import fingerprint_id
+
+        fitted_on = (self.predictor().context or {}).get("host_device_id")
+        here = fingerprint_id(self._host().fingerprint())
+        if fitted_on and fitted_on != here:
+            return (f"hardware.predictor: fitted with host latencies from device {fitted_on}, this host is {here}: "
+                    "its error figures hold for that host; refit here (hwnas-predictor fit) for figures that hold")
+        return None
 
     def _predict(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> dict[str, Any]:
         from hwnas.evaluators.measure.cache import file_sha256
@@ -221,7 +235,7 @@ class LatencyPlan:
             return None
         p = self.predictor()
         return {"path": self.predictor_path, "device_id": p.device_id, "space": p.space, "family": p.family,
-                "n_fit": p.n_fit, "error": p.error, "summary": p.summary()}
+                "n_fit": p.n_fit, "error": p.error, "summary": p.summary(), "host_mismatch": self.host_mismatch()}
 
     def _predicted_measurement(self, p: dict[str, Any]) -> Measurement:
         predictor = self.predictor()
