@@ -62,7 +62,7 @@ def test_old_run_folder_keys_still_build():
            "threads": 1, "batch_size": 1, "warmup": 10, "repeats": 50}
     t = instantiate(OmegaConf.create(old))
     assert isinstance(t, LocalTarget) and isinstance(t, Target)
-    assert t.protocol().blocks == 50 and t.protocol().warmup_runs == 10 and t.isolate and t.affinity == "auto"
+    assert t.protocol().blocks == 50 and t.protocol().warmup_runs == 10 and t.isolate and t.affinity == "none"
 
 
 def test_measurement_is_taken_under_the_exclusive_lock(onnx_file, tmp_path, monkeypatch):
@@ -179,3 +179,17 @@ def test_cpu_config_defaults():
 def test_cuda_config_builds():
     t = load_target("cuda.yaml")
     assert t.provider == "cuda"
+
+
+def test_affinity_auto_pins_while_timing_and_restores(onnx_file):
+    import os
+
+    from hwnas.evaluators.measure.local import pinned
+
+    before = os.sched_getaffinity(0)
+    with pinned(1) as chosen:
+        assert chosen is not None and len(chosen) == 1 and os.sched_getaffinity(0) == set(chosen)
+        assert set(chosen) <= before
+    assert os.sched_getaffinity(0) == before
+    stats = measure_latency(onnx_file, target(affinity="auto", threads=1), SHAPE)
+    assert stats.median_ms > 0 and os.sched_getaffinity(0) == before

@@ -26,16 +26,29 @@ from hwnas.evaluators.measure.protocol import (
 AFFINITY = ("auto", "none")
 
 
+def current_cpu() -> int | None:
+    """The core this thread last ran on (field 39 of /proc/thread-self/stat), where the scheduler just
+    found room for it; None where that is not readable."""
+    try:
+        stat = Path("/proc/thread-self/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @contextmanager
 def pinned(threads: int) -> Iterator[tuple[int, ...] | None]:
     """Pin this thread (and the ORT pool threads a session made inside creates) to `threads` allowed cores,
-    the highest-numbered ones (core 0 takes most interrupts); restore the old set afterwards."""
+    starting with the one it runs on now (a fixed choice such as the last core collides with whatever
+    else sits there); restore the old set afterwards."""
     try:
         before = os.sched_getaffinity(0)
     except (AttributeError, OSError):  # not Linux: nothing to pin with
         yield None
         return
-    chosen = tuple(sorted(before)[-threads:])
+    here = current_cpu()
+    ordered = ([here] if here in before else []) + sorted(before - {here})
+    chosen = tuple(sorted(ordered[:threads]))
     os.sched_setaffinity(0, chosen)
     try:
         yield chosen
@@ -57,7 +70,11 @@ class LocalTarget:
     cv_threshold: float = 0.05
     max_rounds: int = 3
     isolate: bool = True  # time under measure_exclusive(): no trial step on this node computes meanwhile
-    affinity: str = "auto"  # auto: pin to `threads` allowed cores while timing; none: leave the scheduler be
+    # none: leave placement to the scheduler; auto: pin to `threads` allowed cores (the current one first)
+    # while the session is made and timed. Interleaved on the same files (scripts/bench_protocol.py
+    # --compare-affinity) neither was steadier (CV of 10 medians 1.2-1.8% both, when the node was calm), so
+    # the default leaves the scheduler free to move the timing thread off a core something else wants.
+    affinity: str = "none"
     _fingerprint: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
