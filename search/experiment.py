@@ -155,7 +155,30 @@ def _check_formats(formats: list[str], plan: LatencyPlan) -> None:
 
 
 # Keys a resumed sweep may change: where and how it runs, not what it searches.
-RESUMABLE_PREFIXES = ("resume", "run_dir", "runner", "tracking", "hardware.cache")
+# Where the device pool answers may change (agents restarted elsewhere): the device and protocol may not
+# (check_same_device compares them with hardware.json).
+RESUMABLE_PREFIXES = (
+    "resume", "run_dir", "runner", "tracking", "hardware.cache", "hardware.urls", "hardware.token_env",
+    "hardware.timeout_s", "hardware.retries", "hardware.backoff_s",
+)
+
+
+def check_same_device(run_dir: Path, hardware: dict[str, Any] | None) -> None:
+    """Resuming: the latencies still to come are measured on the device, with the protocol, of those recorded."""
+    path = run_dir / HARDWARE_FILE
+    if hardware is None or not path.is_file():
+        return  # a run from before hardware.json, or a table benchmark
+    try:
+        saved = json.loads(path.read_text())
+        device, protocol = str(saved["device_id"]), str(saved["protocol_key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"run_dir: {str(path)!r} is not the hardware.json hwnas wrote; allowed: that file") from None
+    if (device, protocol) != (hardware["device_id"], hardware["protocol_key"]):
+        raise ConfigError(
+            f"hardware: the run was measured on device {device} with protocol {protocol}; this target is device "
+            f"{hardware['device_id']} with protocol {hardware['protocol_key']}; allowed: the same device and protocol "
+            "(a new run_dir for another device)"
+        )
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:

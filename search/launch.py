@@ -56,11 +56,13 @@ def prepare(cfg: DictConfig) -> Built:
     connect_timeout_s); then the data (read, checked and decoded once into its cache: bad data is
     refused here); only then Ray starts, and after it the run folder's records and the MLflow store
     (`run_sweep`). A refusal after the data cache was written removes the run folder it made."""
-    from hwnas.search.experiment import build_experiment, prepare_run_dir
+    from hwnas.search.experiment import build_experiment, check_same_device, prepare_run_dir
     from hwnas.search.reach import check_reachable
 
     prepare_run_dir(cfg)
     built = build_experiment(cfg)
+    if cfg.resume:
+        check_same_device(Path(cfg.run_dir), built.hardware)
     if built.hardware is not None:
         print(f"[hwnas] latency: {describe_hardware(built.hardware)}")
         mismatch = (built.hardware.get("predictor") or {}).get("host_mismatch")
