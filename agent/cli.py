@@ -111,6 +111,9 @@ async def serve(args: argparse.Namespace, token: str) -> int:
     port = sock.getsockname()[1]
     print(f"hwnas-agent: serving on http://{args.host}:{port} provider={args.provider} threads={args.threads} "
           f"device_id={agent.device_id}", flush=True)
+    if Path(args.token_file).stat().st_mode & 0o077:
+        print(f"hwnas-agent: warning: --token-file {args.token_file} is readable by other users (chmod 600 it)",
+              file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
