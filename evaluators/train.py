@@ -136,8 +136,11 @@ def fit(
     accelerator: str,
     seed: int,
     deadline: float | None = None,
+    compute_slot: bool = True,
 ) -> nn.Module:
-    """Train `model` in place for `epochs` on the data's train split; return it on CPU in eval mode."""
+    """Train `model` in place for `epochs` on the data's train split; return it on CPU in eval mode.
+    compute_slot: hold the node's compute slot per batch (ComputeSlot); False where no latency is timed
+    on this node (remote or predicted targets)."""
     check_accelerator(accelerator)
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -150,7 +153,7 @@ def fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ComputeSlot(), *([_Deadline(deadline)] if deadline is not None else [])],
+        callbacks=[*([ComputeSlot()] if compute_slot else []), *([_Deadline(deadline)] if deadline is not None else [])],
     )
     # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.
     model.train()
