@@ -55,7 +55,7 @@ def cpu_info() -> dict[str, Any]:
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip().lower(), value.strip())
-    return {**read_cpuinfo(), "flags_all": (fields.get("flags") or fields.get("features") or "").split(),
+    return {**read_cpuinfo(), "flags_all": " ".join((fields.get("flags") or fields.get("features") or "").split()),
             "logical_cores": os.cpu_count(), "machine": platform.machine()}
 
 
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": protocol.to_dict(),
         "files": len(files),
         "load_before": load_before, "load_after": load_after, "waited_for_quiet_s": waited,
+        "quiet": load_before[0] <= args.max_load,  # false: other jobs held the cores (2 here); rerun
         "throughput": {
             "measurements": count, "seconds": round(elapsed, 2),
             "per_minute": round(60 * count / elapsed, 1),

@@ -37,6 +37,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
 
 
+def _net_error(e: BaseException) -> str:
+    """A requests failure in a few words: urllib3 nests the OS error three exceptions deep."""
+    errno = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(e))
+    if errno:
+        return f"{type(e).__name__}: {errno.group(0).strip()}"
+    return _one_line(e)
+
+
 def _error_text(response: Any) -> str:
     """The agent's {"error": ...} line, or the start of whatever else came back."""
     try:
@@ -88,12 +96,12 @@ class RemoteTarget:
                                 ("repeats", repeats, 3), ("max_rounds", max_rounds, 1), ("retries", retries, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{key}={value!r} is invalid; allowed: an int >= {low}")
-        for key, value, low_open in (("block_ms", block_ms, True), ("cv_threshold", cv_threshold, True),
-                                     ("timeout_s", timeout_s, True), ("backoff_s", backoff_s, False)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or (
-                value <= 0 if low_open else value < 0
+        for name_, number, low_open in (("block_ms", block_ms, True), ("cv_threshold", cv_threshold, True),
+                                        ("timeout_s", timeout_s, True), ("backoff_s", backoff_s, False)):
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or number != number or (
+                number <= 0 if low_open else number < 0
             ):
-                raise ValueError(f"{key}={value!r} is invalid; allowed: a number {'>' if low_open else '>='} 0")
+                raise ValueError(f"{name_}={number!r} is invalid; allowed: a number {'>' if low_open else '>='} 0")
         self.name, self.token_env, self.provider = name, token_env, provider
         self.threads, self.batch_size, self.warmup, self.repeats = threads, batch_size, warmup, repeats
         self.block_ms, self.cv_threshold, self.max_rounds = float(block_ms), float(cv_threshold), max_rounds
@@ -155,13 +163,13 @@ class RemoteTarget:
         try:
             health = http.get(f"{url}/health", timeout=(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S))
         except requests.RequestException as e:
-            raise RuntimeError(f"hardware.urls: agent {url} is not reachable ({_one_line(e)})") from None
+            raise RuntimeError(f"hardware.urls: agent {url} is not reachable ({_net_error(e)})") from None
         if health.status_code != 200:
             raise RuntimeError(f"hardware.urls: agent {url} /health answered {health.status_code} ({_error_text(health)})")
         try:
             info = http.get(f"{url}/info", headers=self._headers(), timeout=(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S))
         except requests.RequestException as e:
-            raise RuntimeError(f"hardware.urls: agent {url} is not reachable ({_one_line(e)})") from None
+            raise RuntimeError(f"hardware.urls: agent {url} is not reachable ({_net_error(e)})") from None
         if info.status_code == 401:
             raise RuntimeError(f"hardware.token_env: agent {url} refused the token from ${self.token_env}")
         if info.status_code != 200:
@@ -260,7 +268,7 @@ class RemoteTarget:
                 response = http.post(f"{url}/measure", params=protocol.query(), data=data, headers=headers,
                                      timeout=(CONNECT_TIMEOUT_S, self.timeout_s))
             except requests.RequestException as e:
-                last = f"{url}: {_one_line(e)}"
+                last = f"{url}: {_net_error(e)}"
                 self._down[url] = time.monotonic()
                 continue
             status = response.status_code
