@@ -22,6 +22,7 @@ from aiohttp import web
 
 from hwnas.agent.model_check import ModelRejected, check_model
 from hwnas.evaluators.measure.fingerprint import device_fingerprint, fingerprint_id
+from hwnas.evaluators.measure.protocol import MeasureProtocol, make_session, time_session
 
 VERSION = "1"  # the agent API version, reported by /info; bump when a field changes meaning
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -87,8 +88,6 @@ class Agent:
     # ---- the timing, in the executor thread ----
 
     def measure_bytes(self, data: bytes, query: dict[str, str]) -> dict[str, Any]:
-        from hwnas.evaluators.measure.protocol import make_session, time_session
-
         protocol = self.protocol_from(query)
         check_model(data, max_bytes=self.settings.max_bytes, batch_size=protocol.batch_size)
         try:
@@ -101,9 +100,7 @@ class Agent:
             raise ModelRejected(f"onnxruntime failed running the model: {one_line(e)}") from None
         return {"measurement": m.to_dict(), "sha256": hashlib.sha256(data).hexdigest()}
 
-    def protocol_from(self, query: dict[str, str]) -> Any:
-        from hwnas.evaluators.measure.protocol import MeasureProtocol
-
+    def protocol_from(self, query: dict[str, str]) -> MeasureProtocol:
         given = dict(query)
         threads = given.pop("threads", None)
         if threads is not None and threads != str(self.settings.threads):
