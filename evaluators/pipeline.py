@@ -349,4 +349,5 @@ class PipelineEvaluator:
             accelerator=self.accelerator,
             seed=seed,
             deadline=self._deadline,
+            compute_slot=self.latency.isolates_host,
         )
