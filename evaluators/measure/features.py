@@ -3,6 +3,13 @@
 MACs and parameters per layer kind, node counts (per-op overhead dominates 30 µs models), activation
 memory (onnx shape inference) and quantized node counts. The candidate's host latency is not in the
 file: `feature_row` adds it. Imports onnx + numpy only.
+
+Node counts are of the graph AS EXPORTED, before any runtime optimisation. A runtime that fuses
+(ONNX Runtime's default: Conv+Relu, Identity and constant elimination) runs fewer kernels; one that
+does not (ORT_DISABLE_ALL, an interpreter, a small device runtime) runs one kernel per node, so the
+per-op-type counts matter there: activations, binary elementwise ops, normalisations, shape/copy ops
+and the "free" nodes (Identity/Constant: nothing after ORT's optimisation, a copy kernel each without it;
+the exporter writes one per shared initializer).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 # Bump when a feature's meaning changes: a predictor refuses features of another version.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 
 KINDS = ("conv_dense", "conv_dw", "conv_1x1", "matmul", "pool", "elementwise")
 FEATURE_NAMES = (
@@ -26,6 +33,8 @@ FEATURE_NAMES = (
     *(f"params_{k}" for k in KINDS),
     *(f"nodes_{k}" for k in KINDS),
     "nodes_quant", "nodes_qdq", "nodes_matmulnbits",
+    # v2: per-op-type node counts of the graph before optimisation (see the module docstring).
+    *(f"nodes_{g}" for g in ("free", "activation", "binary", "norm", "shape")),
 )
 
 CONV_OPS = {"Conv", "QLinearConv", "ConvInteger", "ConvTranspose"}
@@ -35,6 +44,16 @@ POOL_OPS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "LpP
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Nodes that cost nothing at run time once ORT has loaded the graph.
 FREE_OPS = {"Constant", "Identity"}
+# Op groups counted by node (feature nodes_<group>), whatever their kind above.
+OP_GROUPS = {
+    "activation": {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Tanh", "Gelu",
+                   "Elu", "Selu", "Softplus", "Softmax", "Erf"},
+    "binary": {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Pow", "Where"},
+    "norm": {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"},
+    "shape": {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Slice", "Concat",
+              "Split", "Pad", "Expand", "Cast", "Resize"},
+}
+OP_GROUP = {op: g for g, ops in OP_GROUPS.items() for op in ops}
 # Weight input index of each conv/matmul kind (others: input 1).
 WEIGHT_INDEX = {"QLinearConv": 3, "QLinearMatMul": 3}
 
@@ -140,7 +159,10 @@ def onnx_features(model: str | Path | bytes | onnx.ModelProto, *, batch: int = 1
     for node in graph.node:
         op = node.op_type
         if op in FREE_OPS:
+            feats["nodes_free"] += 1
             continue
+        if op in OP_GROUP:
+            feats[f"nodes_{OP_GROUP[op]}"] += 1
         feats["nodes"] += 1
         out_shape = shapes.get(node.output[0]) if node.output else None
         out_elems = _prod(out_shape)

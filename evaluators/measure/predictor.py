@@ -1,8 +1,9 @@
 """Per-device latency predictor: device latency from the ONNX file's features and the host latency.
 
 Fitted with scikit-learn on log latency. The model family is chosen by cross-validation among a few:
-linear models on log features (robust at 10 device measurements) and, from MIN_TREES measurements
-on, gradient boosting / random forest on the residual of the linear model (trees cannot extrapolate;
+linear models on log features (robust at 10 device measurements), additive models (non-negative least
+squares on relative error: latency as a sum of per-kind costs of MACs, weights and nodes per op type,
+plus a share of the host latency) and, from MIN_TREES measurements on, gradient boosting / random forest on the residual of the linear model (trees cannot extrapolate;
 the linear part can). The error always travels with the model: out-of-fold (K-fold, leave-one-out
 below 20) share within ±10%, MAPE, Spearman, n fitted, and a relative band from the out-of-fold log
 residuals that every prediction carries.
@@ -44,10 +45,24 @@ ADDITIVE_SMALL = ("host_ms", "macs", "nodes")
 ADDITIVE_KINDS = ("host_ms", *(f"macs_{k}" for k in KINDS), "nodes", "activation_bytes")
 # Per-kind work and per-kind node counts: each kind of op has its own per-call overhead on a device.
 ADDITIVE_NODES = ("host_ms", *(f"macs_{k}" for k in KINDS), *(f"nodes_{k}" for k in KINDS))
-FAMILIES = ("linear_host", "linear4", "additive3", "additive_kinds", "additive_nodes", "linear_all", "gbr_resid", "rf_resid")
-# Fewest device measurements a family is tried at: about two per free parameter, so that leave-one-out
-# selection among families is not won by a model that merely has room to fit 10 points.
-MIN_N = {"linear_host": 5, "linear4": 8, "additive3": 8, "additive_kinds": 20, "additive_nodes": 20, "linear_all": 50,
+# Per-op-type node counts of the graph as exported (features v2): a runtime without fusion runs one kernel per
+# node, Identity copies and unfused activations included, each with its own per-call cost.
+OP_NODES = tuple(f"nodes_{g}" for g in ("free", "activation", "binary", "norm", "shape"))
+ADDITIVE_OPS = (*ADDITIVE_NODES, *OP_NODES)
+# ... plus weights per kind: a runtime without weight prepacking or layout transforms (and any memory-bound
+# device) pays for every weight it reads, per kind of layer.
+ADDITIVE_PARAMS = (*ADDITIVE_OPS, *(f"params_{k}" for k in KINDS))
+# The same with fewer free parameters: total work and nodes by op type (for 20-50 measurements).
+ADDITIVE_OPS_SMALL = ("host_ms", "macs", "nodes", *OP_NODES)
+FAMILIES = ("linear_host", "linear4", "additive3", "additive_ops_small", "additive_kinds", "additive_nodes", "additive_ops",
+            "additive_params", "linear_all", "gbr_resid", "rf_resid")
+# Fewest device measurements a family is tried at: about two per free parameter for the log-linear ones, so
+# that leave-one-out selection among families is not won by a model that merely has room to fit 10 points.
+# The additive (NNLS) families get fewer: non-negative per-kind costs leave most columns at zero, and on both
+# benchmark spaces and both stand-ins (scripts/bench_predictor.py, CV on training draws) additive_kinds from
+# 10 measurements beat the smaller families.
+MIN_N = {"linear_host": 5, "linear4": 8, "additive3": 8, "additive_ops_small": 10, "additive_kinds": 10, "additive_nodes": 12,
+         "additive_ops": 16, "additive_params": 24, "linear_all": 50,
          "gbr_resid": MIN_TREES, "rf_resid": MIN_TREES}
 
 
@@ -184,6 +199,12 @@ def _fit_family(family: str, x: np.ndarray, y: np.ndarray, seed: int) -> dict[st
         return _fit_additive(_raw(x), np.exp(y), ADDITIVE_KINDS)
     if family == "additive_nodes":
         return _fit_additive(_raw(x), np.exp(y), ADDITIVE_NODES)
+    if family == "additive_ops":
+        return _fit_additive(_raw(x), np.exp(y), ADDITIVE_OPS)
+    if family == "additive_params":
+        return _fit_additive(_raw(x), np.exp(y), ADDITIVE_PARAMS)
+    if family == "additive_ops_small":
+        return _fit_additive(_raw(x), np.exp(y), ADDITIVE_OPS_SMALL)
     if family == "linear_host":
         return _fit_linear(x, y, ("host_ms",))
     if family == "linear4":
