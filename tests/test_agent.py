@@ -130,7 +130,7 @@ def test_oversized_upload_is_413(agent, files):
 @pytest.mark.parametrize(("name", "words"), [
     ("malformed", "not an ONNX file"),
     ("ext", "external data is not accepted: tensor"),
-    ("custom", "'com.evil' is not allowed"),
+    ("custom", "from domain 'com.evil', which is not allowed"),
     ("symbolic", "dimension 2 is 'height'"),
 ])
 def test_rejected_models_are_400_and_the_agent_keeps_serving(agent, files, name, words):
