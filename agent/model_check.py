@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto
+
+# The one walk over a model's stored tensors (stdlib + onnx only: fine for the agent).
+from hwnas.evaluators.onnx_check import attr_graphs, tensors_of
 
 # Largest input the agent allocates (elements, batch included): 64 Mi floats = 256 MiB. A hostile
 # file could otherwise declare a [1, 100000, 100000] input and have the agent allocate 40 GB.
@@ -47,45 +50,11 @@ def _domain(domain: str) -> str:
     return "ai.onnx" if domain == "" else domain
 
 
-def _tensors_of(graph: GraphProto, where: str) -> Iterator[tuple[TensorProto, str]]:
-    """Every tensor stored in `graph` and its subgraphs, with a readable place for messages."""
-    for t in graph.initializer:
-        yield t, f"initializer {t.name!r}"
-    for s in graph.sparse_initializer:
-        yield s.values, f"sparse initializer {s.values.name!r}"
-        yield s.indices, f"sparse initializer {s.values.name!r} (indices)"
-    for node in graph.node:
-        label = f"node {node.name or node.op_type!r} attribute"
-        for attr in node.attribute:
-            for t in _attr_tensors(attr):
-                yield t, f"{label} {attr.name!r}"
-            for sub in _attr_graphs(attr):
-                yield from _tensors_of(sub, f"{where}/{attr.name}")
-
-
-def _attr_tensors(attr: AttributeProto) -> Iterator[TensorProto]:
-    if attr.HasField("t"):
-        yield attr.t
-    yield from attr.tensors
-    if attr.HasField("sparse_tensor"):
-        yield attr.sparse_tensor.values
-        yield attr.sparse_tensor.indices
-    for s in attr.sparse_tensors:
-        yield s.values
-        yield s.indices
-
-
-def _attr_graphs(attr: AttributeProto) -> Iterator[GraphProto]:
-    if attr.HasField("g"):
-        yield attr.g
-    yield from attr.graphs
-
-
 def _nodes_of(graph: GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for attr in node.attribute:
-            for sub in _attr_graphs(attr):
+            for sub in attr_graphs(attr):
                 yield from _nodes_of(sub)
 
 
@@ -105,7 +74,7 @@ def parse(data: bytes) -> ModelProto:
 
 
 def check_no_external_data(model: ModelProto) -> None:
-    for tensor, where in _tensors_of(model.graph, "graph"):
+    for tensor, where in tensors_of(model.graph):
         if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
             raise ModelRejected(
                 f"external data is not accepted: tensor {tensor.name!r} ({where}) refers to a file; "

@@ -20,38 +20,52 @@ class OnnxFileError(ValueError):
     """An ONNX file that is not loaded: one line naming the file and why."""
 
 
-def _graph_tensors(graph: Any) -> Iterator[Any]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
+def tensors_of(graph: Any, where: str = "graph") -> Iterator[tuple[Any, str]]:
+    """Every TensorProto stored in `graph` and its subgraphs, with a readable place for messages
+    (the agent's upload check names it)."""
+    for t in graph.initializer:
+        yield t, f"initializer {t.name!r}"
+    for s in graph.sparse_initializer:
+        yield s.values, f"sparse initializer {s.values.name!r}"
+        yield s.indices, f"sparse initializer {s.values.name!r} (indices)"
+    for node in graph.node:
+        label = f"node {node.name or node.op_type!r} attribute"
+        for attr in node.attribute:
+            for t in _attr_tensors(attr):
+                yield t, f"{label} {attr.name!r}"
+            for sub in attr_graphs(attr):
+                yield from tensors_of(sub, f"{where}/{attr.name}")
+
+
+def _attr_tensors(attr: Any) -> Iterator[Any]:
+    if attr.HasField("t"):
+        yield attr.t
+    yield from attr.tensors
+    if attr.HasField("sparse_tensor"):
+        yield attr.sparse_tensor.values
+        yield attr.sparse_tensor.indices
+    for sparse in attr.sparse_tensors:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
-        yield from _attribute_tensors(node.attribute)
 
 
-def _attribute_tensors(attributes: Any) -> Iterator[Any]:
-    for attr in attributes:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield attr.sparse_tensor.values
-            yield attr.sparse_tensor.indices
-        for sparse in attr.sparse_tensors:
-            yield sparse.values
-            yield sparse.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _graph_tensors(g)
+def attr_graphs(attr: Any) -> Iterator[Any]:
+    if attr.HasField("g"):
+        yield attr.g
+    yield from attr.graphs
 
 
 def all_tensors(model: Any) -> Iterator[Any]:
     """Every TensorProto of a model: initializers, constants, subgraphs, functions."""
-    yield from _graph_tensors(model.graph)
+    for tensor, _ in tensors_of(model.graph):
+        yield tensor
     for function in model.functions:
         for node in function.node:
-            yield from _attribute_tensors(node.attribute)
+            for attr in node.attribute:
+                yield from _attr_tensors(attr)
+                for sub in attr_graphs(attr):
+                    for tensor, _ in tensors_of(sub):
+                        yield tensor
 
 
 def load_checked(path: str | Path, max_bytes: int = MAX_BYTES) -> bytes:

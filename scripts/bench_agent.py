@@ -69,19 +69,8 @@ def export_files(n: int, seed: int, out: Path) -> list[tuple[str, Path]]:
     cfg = yaml.safe_load((ROOT / "conf" / "space" / "macro_cnn.yaml").read_text())
     cfg.pop("_target_", None)
     space = MacroCNNSpace(**cfg)
-    decisions = space.decisions()
-    rng = np.random.default_rng(seed)
     files: dict[str, Path] = {}
-    while len(files) < n:
-        params: dict[str, Any] = {"n_stages": int(rng.choice(decisions["n_stages"]))}
-        for key in space.stage_keys(params["n_stages"]):
-            choices = decisions[key]
-            params[key] = choices[int(rng.integers(len(choices)))]
-        params["prune_ratio"], params["quant"] = 0.0, "fp32"
-        candidate = space.candidate_from_params(params)
-        name = space.name(candidate)
-        if name in files:
-            continue
+    for name, candidate in space.random_architectures(n, seed):
         torch.manual_seed(0)
         model = space.build(candidate, (1, 32, 32), 10)
         files[name] = export_onnx(model, torch.zeros(1, 1, 32, 32), out / f"{len(files):02d}.onnx", opset=17)

@@ -175,14 +175,16 @@ def build_evaluator(data: Any, epochs: int, finetune_epochs: int) -> Any:
     """PipelineEvaluator as `hwnas dataset=image_folder` builds it (the shipped config's values),
     on the already prepared `data`; the space fitted to the data's input shape as the driver does."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
+    from hwnas.evaluators.measure.base import target_config
     from hwnas.search.config import compose_config
     from hwnas.spaces.base import fit_input
 
     cfg = compose_config([f"evaluator.epochs={epochs}", f"evaluator.finetune_epochs={finetune_epochs}"])
     space = instantiate(cfg.space)
     fit_input(space, data.input_shape)
-    latency = instantiate(cfg.hardware)
+    latency = instantiate(OmegaConf.create(target_config(cfg.hardware)))
     return instantiate(cfg.evaluator)(space=space, data=data, latency=latency, seed=int(cfg.seed))
 
 
@@ -260,7 +262,7 @@ def run_trials(data: Any, n: int, epochs: int, finetune_epochs: int, work: Path)
               f"val acc {row['val_accuracy']:.3f}", flush=True)
     settings = {k: getattr(evaluator, k) for k in ("epochs", "finetune_epochs", "torch_threads", "optimizer", "lr")}
     settings["batch_size"] = data.batch_size
-    settings["latency_repeats"] = evaluator.latency.repeats
+    settings["latency_repeats"] = evaluator.latency.target.repeats
     return {"trials": rows, "settings": settings}
 
 

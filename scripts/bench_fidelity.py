@@ -62,11 +62,10 @@ def _remeasure(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from hwnas.search.config import PLAN_KEYS
+    from hwnas.evaluators.measure.base import target_config
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    node = OmegaConf.create({k: cfg.hardware[k] for k in cfg.hardware if k not in PLAN_KEYS})
-    target = instantiate(node)
+    target = instantiate(OmegaConf.create(target_config(cfg.hardware)))
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines() if line.strip()]
     out = []
     for row in rows:

@@ -104,7 +104,7 @@ def optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
     options.optimized_model_filepath = str(tmp / f"{path.stem}.optimized.onnx")
     options.log_severity_level = 3  # the "hardware specific optimizations" warning on saving: expected
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
+    graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
     return dict(sorted(collections.Counter(n.op_type for n in graph.node).items()))
 
 

@@ -131,19 +131,7 @@ def macro_space() -> Any:
 
 
 def macro_candidates(n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
-    space = macro_space()
-    decisions = space.decisions()
-    rng = np.random.default_rng(seed)
-    out: dict[str, dict[str, Any]] = {}
-    while len(out) < n:
-        params: dict[str, Any] = {"n_stages": int(rng.choice(decisions["n_stages"]))}
-        for key in space.stage_keys(params["n_stages"]):
-            choices = decisions[key]
-            params[key] = choices[int(rng.integers(len(choices)))]
-        params["prune_ratio"], params["quant"] = 0.0, "fp32"
-        candidate = space.candidate_from_params(params)
-        out.setdefault(space.name(candidate), candidate)
-    return list(out.items())
+    return macro_space().random_architectures(n, seed)
 
 
 INPUT_SHAPES = {"nb201": (3, 32, 32), "macro_cnn": (1, 32, 32)}

@@ -235,7 +235,7 @@ def compare_int8(run_dir: Path, rows: list[dict[str, Any]], repeats: int, front_
 
     built = build_experiment(OmegaConf.load(run_dir / "config.yaml"))
     evaluator = built.sweep.evaluator
-    target_hw = evaluator.latency
+    target_hw = evaluator.latency.target  # the plan's target: timed afresh, never from the cache
     long_target = replace(target_hw, repeats=max(1, repeats // 2), warmup=max(target_hw.warmup, 20))
     input_shape = None
     results: list[dict[str, Any]] = []

@@ -19,11 +19,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hwnas.evaluators.measure.base import PLAN_KEYS  # conf/hardware keys that are not the target's own
+
 # The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
 CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
-# conf/hardware keys that are not the target's: where measurements are cached, a latency predictor,
-# the pre-screen (evaluators/measure/plan.py).
-PLAN_KEYS = ("cache", "predictor", "prescreen")
 GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
 TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", *GROUPS}
 MODES = ("max", "min")

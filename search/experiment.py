@@ -15,8 +15,9 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hwnas.evaluators.measure.base import target_config
 from hwnas.search.broker import Broker
-from hwnas.search.config import PLAN_KEYS, ConfigError
+from hwnas.search.config import ConfigError
 from hwnas.search.export import DATA_FILE, finalize, prepare_export, write_tables
 from hwnas.search.objectives import Objectives
 from hwnas.search.progress import Progress
@@ -127,7 +128,7 @@ def build_latency(cfg: DictConfig, objectives: Objectives) -> LatencyPlan:
 
     node = cfg.hardware
     bound = objectives.bounds.get("latency_ms")
-    target_node = OmegaConf.create({str(k): node[k] for k in node.keys() if k not in PLAN_KEYS})
+    target_node = OmegaConf.create(target_config(node))
     target = _build("hardware", target_node)
     try:
         plan = LatencyPlan(

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from hwnas.evaluators.measure.cache import file_sha256
 from hwnas.search.objectives import Objectives
 from hwnas.search.pareto import non_dominated_mask
-from hwnas.search.recorder import file_sha256
 from hwnas.search.selection import select
 from hwnas.search.trial_log import COMPLETE, trials_frame
 

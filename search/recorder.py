@@ -7,7 +7,6 @@ recorded at most once, whatever retries or replays report it again.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hwnas.evaluators.measure.cache import file_sha256
 from hwnas.search.objectives import Objectives
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.search.progress import Progress
@@ -24,14 +24,6 @@ from hwnas.spaces.candidate import arch_id, net_id
 
 if TYPE_CHECKING:  # MLflow is imported by the driver while Ray starts (cli), not on import
     from hwnas.search.tracking import Tracking
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Recorder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 
 from hwnas.spaces.candidate import COMPRESSION_KEYS, FORMATS, arch_id
@@ -187,6 +188,23 @@ class MacroCNNSpace:
         """Validate `params` (e.g. trial.params) and return the canonical candidate."""
         wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(params)), "prune_ratio", "quant"]
         return check_params(params, self.decisions(), wanted)
+
+    def random_architectures(self, n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
+        """`n` distinct architectures (by name) drawn uniformly per decision with a seeded numpy RNG,
+        uncompressed (prune_ratio 0, fp32): the networks benchmarks time (at most as many as exist)."""
+        decisions = self.decisions()
+        rng = np.random.default_rng(seed)
+        out: dict[str, dict[str, Any]] = {}
+        for _ in range(100 * n):  # bounded: a small space has fewer than n distinct networks
+            if len(out) >= n:
+                break
+            params: dict[str, Any] = {"n_stages": int(rng.choice(decisions["n_stages"]))}
+            for key in self.stage_keys(params["n_stages"]):
+                choices = decisions[key]
+                params[key] = choices[int(rng.integers(len(choices)))]
+            candidate = self.candidate_from_params({**params, "prune_ratio": 0.0, "quant": "fp32"})
+            out.setdefault(self.name(candidate), candidate)
+        return list(out.items())
 
     def checked_n_stages(self, params: Mapping[str, Any]) -> int:
         if "n_stages" not in params:

@@ -86,7 +86,7 @@ def test_builds_runs_and_exports_to_onnx(tmp_path: Path, n_stages: int, block: s
 def test_default_space_random_candidates_build() -> None:
     space = hydra.utils.instantiate(OmegaConf.load(CONF))
     x = torch.randn(2, 3, 32, 32)
-    candidates = [c for c, _ in sample(space, seed=3, n=5)]
+    candidates = [c for c, _ in sample(space, seed=3, n=12)]
     assert {c["n_stages"] for c in candidates} == {2, 3, 4}
     for candidate in candidates:
         with torch.no_grad():

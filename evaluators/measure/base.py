@@ -6,11 +6,21 @@ fingerprint) so that a latency is never silently taken from another device.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from hwnas.evaluators.measure.protocol import Measurement, MeasureProtocol
+
+
+# conf/hardware keys that are not the target's own: how latencies are obtained (plan.py).
+PLAN_KEYS = ("cache", "predictor", "prescreen")
+
+
+def target_config(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A conf/hardware node without the plan's keys: what `instantiate` builds the target from."""
+    return {str(k): node[k] for k in node.keys() if k not in PLAN_KEYS}
 
 
 class MeasureError(RuntimeError):
