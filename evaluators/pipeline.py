@@ -180,7 +180,8 @@ class PipelineEvaluator:
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
         checked between steps and after every training batch."""
-        import torch
+        with self._computing():  # a worker's first import of torch is seconds of CPU: not beside a timing
+            import torch
 
         prune_ratio, fmt = self._compression(candidate)
         self._deadline = deadline
@@ -196,13 +197,14 @@ class PipelineEvaluator:
     def _evaluate(
         self, candidate: dict[str, Any], trial_dir: Path, prune_ratio: float, fmt: str
     ) -> Evaluation:
-        import pytorch_lightning as pl
-        import torch
+        with self._computing():
+            import pytorch_lightning as pl
+            import torch
 
-        from hwnas.evaluators.onnx_export import export_onnx
-        from hwnas.evaluators.profile import count_params_macs
-        from hwnas.evaluators.prune import prune
-        from hwnas.evaluators.quantize import compress_onnx
+            from hwnas.evaluators.onnx_export import export_onnx
+            from hwnas.evaluators.profile import count_params_macs
+            from hwnas.evaluators.prune import prune
+            from hwnas.evaluators.quantize import compress_onnx
 
         # total_s covers every step of the evaluation, so that sweep overheads (process start-up,
         # scheduling, bookkeeping) are what is left of the wall time, not work a trial did unclocked.
@@ -211,7 +213,7 @@ class PipelineEvaluator:
         trial_dir.mkdir(parents=True, exist_ok=True)
         seed = self.trial_seed(candidate)
         dm = self.data
-        with _timed(metrics, "data"):
+        with _timed(metrics, "data"), self._computing():
             # Opens the cache the driver decoded (memory-mapped): no trial decodes or splits again.
             dm.setup()
             input_shape, num_classes = dm.input_shape, dm.num_classes
@@ -220,7 +222,7 @@ class PipelineEvaluator:
         loaded_before = getattr(dm, "load_seconds", 0.0)
 
         check = self._check_deadline
-        with _timed(metrics, "build"):
+        with _timed(metrics, "build"), self._computing():
             pl.seed_everything(seed, verbose=False)
             model = self.space.build(candidate, input_shape, num_classes)
         # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
