@@ -47,6 +47,8 @@ METRIC_NAMES = frozenset(
         "latency_resolution_pct",
         "latency_rounds",
         "latency_runs",
+        "latency_others_share",  # share of block boundaries at which another task was runnable
+        "latency_disturbed",  # 1: no quiet moment was found in quiet_wait_s (the figure is flagged)
         # How latency_ms was obtained (1/0): from the cache, predicted, or predicted instead of measured
         # because the pre-screen put it far over the budget; with a predictor, its figures beside it.
         "latency_cached",
@@ -276,6 +278,8 @@ class PipelineEvaluator:
             latency_resolution_pct=stats.resolution_pct,
             latency_rounds=float(stats.rounds),
             latency_runs=float(stats.n_runs),
+            **({"latency_others_share": stats.others_share} if stats.others_share is not None else {}),
+            **({"latency_disturbed": float(stats.disturbed)} if stats.source != "predicted" else {}),
             **how,
             **({"energy_j": stats.energy_j} if stats.energy_j is not None else {}),
             model_bytes=float(artifact.stat().st_size),

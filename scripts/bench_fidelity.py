@@ -71,9 +71,14 @@ def _remeasure(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
     for row in rows:
         if row["status"] != "COMPLETE":
             continue
-        medians = [target.measure(row["artifact"]).median_ms for _ in range(repeats)]
+        again = [target.measure(row["artifact"]) for _ in range(repeats)]
+        medians = [m.median_ms for m in again]
         out.append({"number": row["number"], "quant": row["candidate"].get("quant"),
                     "recorded_ms": row["metrics"]["latency_ms"], "idle_ms": float(np.median(medians)),
+                    "recorded_others_share": row["metrics"].get("latency_others_share"),
+                    "recorded_disturbed": row["metrics"].get("latency_disturbed"),
+                    "recorded_rounds": row["metrics"].get("latency_rounds"),
+                    "idle_disturbed": sum(m.disturbed for m in again),
                     "idle_medians_ms": medians, "cv_of_median": float(np.std(medians, ddof=1) / np.mean(medians))})
     return out
 
@@ -93,6 +98,7 @@ def _case(name: str, trials: int, repeats: int, overrides: Sequence[str]) -> dic
                           "share_cv_le_2pct": float(np.mean(cvs <= 0.02)),
                           "resolvable_difference": float(2 * np.sqrt(2) * np.median(cvs))},
         "latency_range_ms": [min(f["idle_ms"] for f in files), max(f["idle_ms"] for f in files)],
+        "recorded_disturbed": sum(bool(f["recorded_disturbed"]) for f in files),
         "loadavg_after_sweep": load_after_sweep, "loadavg_before_remeasure": load_idle, "files": files,
     }
 

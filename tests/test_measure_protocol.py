@@ -19,6 +19,7 @@ from hwnas.evaluators.measure.protocol import (
     make_session,
     measure_file,
     round_stats,
+    runnable_tasks,
     time_session,
 )
 from hwnas.evaluators.onnx_export import export_onnx
@@ -170,3 +171,29 @@ def test_round_stats_median_ignores_preempted_runs():
     stats = round_stats(np.concatenate([[0], np.cumsum(runs)]), k)
     assert stats["median_ms"] == pytest.approx(0.03) and stats["p99_ms"] == pytest.approx(3.0)
     assert stats["n_runs"] == 500 and stats["n_blocks"] == 10 and stats["mean_ms"] > 0.4
+
+
+def test_a_busy_neighbour_marks_the_round_disturbed_and_a_quiet_machine_does_not(models):
+    """A real process spinning on this machine while a file is timed: the protocol sees other runnable
+    tasks at its block boundaries, waits up to quiet_wait_s for them to go, then flags the figure."""
+    import subprocess
+    import sys
+    import time
+
+    if runnable_tasks() is None:
+        pytest.skip("no /proc/loadavg on this system")
+    protocol = MeasureProtocol(blocks=10, block_s=0.002, quiet_wait_s=0.3)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # the spinners are running before the timing starts
+        busy = measure_file(models["small"], "cpu", protocol)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert busy.disturbed and busy.others_share is not None and busy.others_share > 0.5
+    assert busy.rounds >= 2  # it waited and tried again before giving up
+    # The check off: the same neighbours never mark a round.
+    off = MeasureProtocol(blocks=10, block_s=0.002, quiet_share=1.0)
+    assert not measure_file(models["small"], "cpu", off).disturbed
+    assert Measurement.from_dict(busy.to_dict()) == busy
