@@ -182,7 +182,7 @@ def onnx_features(model: str | Path | bytes | onnx.ModelProto, *, batch: int = 1
     feats["macs"] = float(sum(feats[f"macs_{k}"] for k in KINDS))
     # Activation memory: every tensor a node writes (intermediates and outputs), at its inferred size.
     feats["activation_bytes"] = float(sum(
-        _prod(shapes.get(out)) * DTYPE_BYTES.get(dtypes.get(out, 1), 4)
+        _prod(shapes.get(out)) * DTYPE_BYTES.get(dtypes.get(out, 1), 4)  # type: ignore[call-overload]
         for node in graph.node if node.op_type not in FREE_OPS for out in node.output if out
     ))
     return {k: float(v) for k, v in feats.items()}

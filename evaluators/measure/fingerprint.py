@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def fingerprint_id(fp: dict[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def int8_has_vnni(fp: dict[str, Any]) -> bool:
+def int8_has_vnni(fp: Mapping[str, Any]) -> bool:
     """True where int8 dot products have no intermediate saturation (x86 VNNI/AMX, arm64 SDOT):
     full 8-bit weights are safe; without it ORT's u8s8 path needs 7-bit (reduced range) weights."""
     flags = set(fp.get("flags") or [])

@@ -93,9 +93,12 @@ class LocalTarget:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{key}={value!r} is invalid; allowed: an int >= {low}")
-        for key, value, high in (("block_ms", self.block_ms, 10_000), ("cv_threshold", self.cv_threshold, 10)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= high:
-                raise ValueError(f"{key}={value!r} is invalid; allowed: a number in (0, {high}]")
+        limits: tuple[tuple[str, float, float], ...] = (
+            ("block_ms", self.block_ms, 10_000.0), ("cv_threshold", self.cv_threshold, 10.0),
+        )
+        for key, number, high in limits:
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or not 0 < number <= high:
+                raise ValueError(f"{key}={number!r} is invalid; allowed: a number in (0, {high:g}]")
         if not isinstance(self.isolate, bool):
             raise ValueError(f"isolate={self.isolate!r} is invalid; allowed: true, false")
         if self.affinity not in AFFINITY:

@@ -138,6 +138,7 @@ def candidates_of(frame: pd.DataFrame, space: str, source: str) -> list[tuple[st
                     f"candidate quant={candidate.get('quant')!r} prune_ratio={candidate.get('prune_ratio')!r} is compressed; "
                     "allowed here: fp32, prune_ratio 0 (for compressed files use LatencyPredictor.predict_onnx)"
                 )
+            assert macro is not None  # space == "macro_cnn"
             candidate = macro.candidate_from_params(candidate)
             out.append((macro.name(candidate), candidate))
         except ValueError as exc:

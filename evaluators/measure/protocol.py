@@ -247,6 +247,7 @@ def _input(session: ort.InferenceSession, batch_size: int) -> tuple[str, np.ndar
     shape = (batch_size, *rest)
     rng = np.random.default_rng(0)  # fixed: timing must not depend on global RNG state
     dtype = DTYPES[inp.type]
+    x: np.ndarray
     if np.issubdtype(dtype, np.floating):
         x = rng.standard_normal(shape).astype(dtype)
     else:
@@ -351,7 +352,9 @@ def time_session(
             stamps, others = _run_blocks(run, protocol.blocks, k, protocol.threads)
             e1 = energy.read_j() if energy is not None else None
             stats = round_stats(stamps, k)
-            stats["energy_j"] = (e1 - e0) / (stats["n_runs"] * protocol.batch_size) if e0 is not None else None
+            stats["energy_j"] = (
+                (e1 - e0) / (stats["n_runs"] * protocol.batch_size) if e0 is not None and e1 is not None else None
+            )
             stats["others_share"] = others
             stats["disturbed"] = others is not None and others > protocol.quiet_share
             # Quiet rounds beat disturbed ones; among equals the steadier (lower CV) one is kept.
@@ -379,7 +382,8 @@ def time_session(
         input_shape=tuple(int(d) for d in x.shape),
         output_shape=tuple(int(d) for d in np.shape(out[0])),
         protocol=protocol.to_dict(), fingerprint=fingerprint, device_id=fingerprint_id(fingerprint),
-        energy_j=best["energy_j"], energy_source=energy.source if best["energy_j"] is not None else "none",
+        energy_j=best["energy_j"],
+        energy_source=energy.source if energy is not None and best["energy_j"] is not None else "none",
         others_share=best["others_share"], disturbed=bool(best["disturbed"]),
     )
 
