@@ -41,7 +41,7 @@ def test_six_trials_recorded_everywhere(sweep: tuple[Path, str, subprocess.Compl
     run_dir, uri, proc = sweep
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == N_SMOKE and trials["number"].is_unique
-    # Every candidate of the smoke space (1-2 stages, widths 8/16, fp32/fp16/int8) fits its 16x16
+    # Every candidate of the smoke space (1-2 stages, widths 8/16, fp32/int8) fits its 16x16
     # input and trains: no trial may fail here, for any reason.
     assert (trials["status"] == "COMPLETE").all(), trials[["number", "status", "error"]]
     assert trials["error"].isna().all()
