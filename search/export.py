@@ -54,7 +54,7 @@ def mark_front(rows: list[dict[str, Any]], objectives: Objectives) -> np.ndarray
 def write_tables(run_dir: Path, objectives: Objectives, rows: list[dict[str, Any]]) -> None:
     """trials.csv (every trial) and pareto.csv (the feasible non-dominated ones)."""
     mark_front(rows, objectives)
-    frame = trials_frame(rows)
+    frame = trials_frame(rows, first=objectives.names)
     frame.to_csv(run_dir / "trials.csv", index=False)
     front = frame[frame["pareto"]] if len(frame) else frame
     if len(front):  # with no complete trial there are no objective columns to sort by

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,11 @@ class TrialLog:
 ROW_FIELDS = ("device_id", "latency_protocol")
 
 
-def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Flatten rows for trials.csv: id and status columns, then params, then metrics, then error."""
+def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.DataFrame:
+    """Flatten rows for trials.csv, in trial order: id and status columns, then the `first` metrics (the
+    objectives), then params, then the other metrics, then error. Integer columns stay integers."""
     flat = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["number"]):
         item = {
             "number": r["number"],
             "status": r["status"],
@@ -72,4 +73,16 @@ def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         item["error"] = r.get("error")
         item["artifact"] = r.get("artifact")
         flat.append(item)
-    return pd.DataFrame(flat)
+    frame = pd.DataFrame(flat)
+    params = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
+    metrics = list(dict.fromkeys(k for r in rows for k in (r.get("metrics") or {})))
+    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, *params, *metrics,
+             *ROW_FIELDS, "node", "error", "artifact"]
+    frame = frame[[c for c in dict.fromkeys(order) if c in frame.columns]]
+    # Parameters that are integers (widths, depths) stay integers where a trial lacks them (NaN otherwise
+    # turns the column into floats).
+    for col in frame.columns:
+        raw = [item[col] for item in flat if item.get(col) is not None]
+        if raw and all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+            frame[col] = frame[col].astype("Int64")
+    return frame

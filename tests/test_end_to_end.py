@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from conftest import copy_run, hwnas, hwnas_export, mlflow_runs, output_of, read_jsonl
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.search.pareto import non_dominated_mask
 from hwnas.search.recorder import file_sha256
+from hwnas.search.sweep_state import journal_storage
 
 N_SMOKE = 6
 
@@ -59,8 +61,17 @@ def test_six_trials_recorded_everywhere(sweep: tuple[Path, str, subprocess.Compl
     for c in children:
         assert c.data.tags["pareto"] in ("true", "false")
         assert {"val_accuracy", "latency_ms", "model_bytes"} <= set(c.data.metrics)
+        # Only metrics are metrics: the sampled parameters (Tune's config/*) are params, not metrics.
+        assert not [k for k in c.data.metrics if k.startswith("config")], sorted(c.data.metrics)
         assert any(a.path.endswith(".onnx") for a in client.list_artifacts(c.info.run_id))
     assert sum(c.data.tags["pareto"] == "true" for c in children) == int(trials["pareto"].sum())
+    # trials.csv: trial order, the objectives right after the trial's identity, integer params as integers.
+    assert list(trials["number"]) == sorted(trials["number"])
+    assert list(trials.columns[:8]) == ["number", "status", "arch_id", "net_id", "feasible", "pareto", "val_accuracy", "latency_ms"]
+    assert not [c for c in trials.columns if c.startswith("config")]
+    assert trials["n_stages"].dtype.kind == "i" and (trials["n_stages"] >= 1).all()
+    study = optuna.load_study(study_name=None, storage=journal_storage(run_dir))
+    assert study.metric_names == ["val_accuracy", "latency_ms"]  # optuna-dashboard names the objectives
 
 
 def test_pareto_csv_is_non_dominated(sweep: tuple[Path, str, subprocess.CompletedProcess[str]]) -> None:

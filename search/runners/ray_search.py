@@ -94,4 +94,6 @@ class StartCallback(tune.Callback):
 
 
 def _is_metric(key: str, value: Any) -> bool:
-    return key not in _RAY_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Tune flattens the trial's config into the result as config/<param>: parameters, not metrics.
+    return (key not in _RAY_KEYS and not key.startswith("config/") and isinstance(value, (int, float))
+            and not isinstance(value, bool))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,15 @@ class Sweep:
 
     def create_study(self) -> optuna.Study:
         """The sweep's study (Optuna's journal in run_dir), loaded with its whole history when resumed."""
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.study_name,
             sampler=self.sampler,
             directions=self.objectives.optuna_directions,
             storage=journal_storage(self.run_dir),
             load_if_exists=True,
         )
+        if study.metric_names is None:  # optuna-dashboard then says val_accuracy, not "Objective 0"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental in Optuna 5
+                study.set_metric_names(list(self.objectives.names))
+        return study
