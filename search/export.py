@@ -209,6 +209,7 @@ def finalize(
     if card is None:
         lines.append("[hwnas] no feasible trial: nothing exported" + (f" (budget {objectives.budget_label})" if objectives.bounds else ""))
     else:
-        shown = {k: card["metrics"].get(k) for k in objectives.names}
-        lines.append(f"[hwnas] exported trial {card['trial']} ({cfg.select.rule}): {shown}" + (f", test_accuracy={card['test_accuracy']:.4f}" if "test_accuracy" in card else ""))
+        shown = ", ".join(f"{k} {card['metrics'][k]:.4g}" for k in objectives.names if card["metrics"].get(k) is not None)
+        test = f", test_accuracy {card['test_accuracy']:.4g}" if "test_accuracy" in card else ""
+        lines.append(f"[hwnas] exported trial {card['trial']} ({cfg.select.rule}): {shown}{test} -> {run_dir / EXPORT_DIR}")
     return "\n".join(lines)
