@@ -328,9 +328,8 @@ class PipelineEvaluator:
 
     @contextmanager
     def _check_deadline(self, step: str) -> Iterator[None]:
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            raise TimeoutError(f"trial ran past its time limit before {step}")
-        with self._computing():
+        """The deadline check, then the step under the node's compute slot."""
+        with self._deadline_only(step), self._computing():
             yield
 
     def _computing(self) -> AbstractContextManager[None]:

@@ -16,9 +16,12 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:  # the driver imports file_sha256 from here: ONNX Runtime stays out of that import
+    from hwnas.evaluators.measure.protocol import Measurement
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -37,17 +40,6 @@ CREATE TABLE IF NOT EXISTS hwnas_latency (
 """
 
 
-# ---- Measurement adapter: protocol.Measurement once H1's protocol.py lands, plain dicts until then ----
-
-
-def _measurement_type() -> Any:
-    try:
-        from hwnas.evaluators.measure.protocol import Measurement
-    except ImportError:
-        return None
-    return Measurement
-
-
 def measurement_to_dict(m: Any) -> dict[str, Any]:
     if isinstance(m, Mapping):
         d = dict(m)
@@ -61,12 +53,11 @@ def measurement_to_dict(m: Any) -> dict[str, Any]:
     return d
 
 
-def measurement_from_dict(d: dict[str, Any], *, source: str = "cache") -> Any:
-    """protocol.Measurement (source="cache") when the protocol module exists, else the dict itself."""
-    cls = _measurement_type()
-    if cls is None:
-        return {**d, "source": source}
-    return cls.from_dict({**d, "source": source})
+def measurement_from_dict(d: dict[str, Any], *, source: str = "cache") -> Measurement:
+    """The stored Measurement, marked where it came from (source "cache")."""
+    from hwnas.evaluators.measure.protocol import Measurement
+
+    return Measurement.from_dict({**d, "source": source})
 
 
 def file_sha256(path: str | Path) -> str:
@@ -115,7 +106,7 @@ class LatencyCache:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def get(self, sha256: str, device_id: str, protocol_key: str) -> Any | None:
+    def get(self, sha256: str, device_id: str, protocol_key: str) -> Measurement | None:
         """The cached Measurement (source "cache") of this file on this device with this protocol, or None."""
         with self._connect() as conn:
             row = conn.execute(

@@ -69,9 +69,10 @@ class LatencyPlan:
     def formats(self) -> dict[str, str]:
         """What each numeric format offered on this target really computes (formats refused here are absent)."""
         from hwnas.evaluators.measure.formats import format_support
+        from hwnas.spaces.candidate import FORMATS
 
         fp = self.fingerprint()
-        supports = {fmt: format_support(fmt, self.target.provider, fp) for fmt in ("fp32", "fp16", "int8", "int4")}
+        supports = {fmt: format_support(fmt, self.target.provider, fp) for fmt in FORMATS}
         return {fmt: s.computes for fmt, s in supports.items() if s.ok}
 
     @property
@@ -80,7 +81,7 @@ class LatencyPlan:
         Arm dot product); 7-bit weights elsewhere (evaluators/quantize.py says why)."""
         from hwnas.evaluators.measure.fingerprint import int8_has_vnni
 
-        fp = self.target.fingerprint() if self.uses_device else self._predictor_fingerprint()
+        fp = self.fingerprint()
         return int8_has_vnni(fp) if fp else False
 
     def check(self) -> None:
@@ -96,7 +97,7 @@ class LatencyPlan:
         """hardware.json: which device, which protocol, how latencies were obtained."""
         from hwnas.evaluators.measure.fingerprint import fingerprint_id
 
-        fp = self.target.fingerprint() if self.uses_device else self._predictor_fingerprint()
+        fp = self.fingerprint()
         protocol = self.target.protocol()
         out: dict[str, Any] = {
             "target": self.target.name,
@@ -156,27 +157,29 @@ class LatencyPlan:
                 m = self._predicted_measurement(prediction)
                 self._write(artifact, m, prediction)
                 return m, extra
-        m = self._device(artifact, arch=arch, candidate=candidate, space=space)
+        m = self._cached(self.target, artifact, arch=arch, candidate=candidate, space=space)
         if m.source == "cache":
             extra["latency_cached"] = 1.0
         self._write(artifact, m, prediction)
         return m, extra
 
     # -- internals ----------------------------------------------------------------------------------
-    def _device(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> Measurement:
+    def _cached(self, target: Target, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> Measurement:
+        """`target`'s measurement of the file: from the cache (source "cache") or timed now and stored.
+        Used for the device and for the host feature alike: a file is never timed twice on one device."""
         from hwnas.evaluators.measure.cache import file_sha256
         from hwnas.evaluators.measure.fingerprint import fingerprint_id
 
         cache = self.cache()
         if cache is None:
-            return self.target.measure(artifact)
+            return target.measure(artifact)
         sha = file_sha256(artifact)
-        device_id = fingerprint_id(self.target.fingerprint())
-        key = self.target.protocol().key()
+        device_id = fingerprint_id(target.fingerprint())
+        key = target.protocol().key()
         hit = cache.get(sha, device_id, key)
         if hit is not None:
-            return _with_source(hit, "cache")
-        m = self.target.measure(artifact)
+            return hit
+        m = target.measure(artifact)
         if m.device_id and m.device_id != device_id:
             raise MeasureError(f"{artifact.name}: measured on device {m.device_id}, expected {device_id}; "
                                "a latency is never taken from another device")
@@ -205,20 +208,7 @@ class LatencyPlan:
         return None
 
     def _predict(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> dict[str, Any]:
-        from hwnas.evaluators.measure.cache import file_sha256
-        from hwnas.evaluators.measure.fingerprint import fingerprint_id
-
-        host = self._host()
-        cache = self.cache()
-        host_m: Measurement | None = None
-        if cache is not None:  # the host's own latency is a measurement too: never taken twice
-            sha, device_id, key = file_sha256(artifact), fingerprint_id(host.fingerprint()), host.protocol().key()
-            host_m = cache.get(sha, device_id, key)
-            if host_m is None:
-                host_m = host.measure(artifact)
-                cache.put(sha, device_id, key, host_m, arch=arch, candidate=candidate, space=space)
-        else:
-            host_m = host.measure(artifact)
+        host_m = self._cached(self._host(), artifact, arch=arch, candidate=candidate, space=space)
         p = self.predictor().predict_onnx(artifact, host_m.median_ms)
         return {
             "latency_ms": p.latency_ms, "low_ms": p.latency_low_ms, "high_ms": p.latency_high_ms,
@@ -251,9 +241,3 @@ class LatencyPlan:
     def _write(artifact: Path, m: Measurement, prediction: dict[str, Any] | None) -> None:
         record = {"measurement": m.to_dict(), "prediction": prediction}
         (artifact.parent / LATENCY_FILE).write_text(json.dumps(record, indent=1, default=float))
-
-
-def _with_source(m: Measurement, source: str) -> Measurement:
-    from dataclasses import replace
-
-    return replace(m, source=source)

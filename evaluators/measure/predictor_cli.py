@@ -188,7 +188,7 @@ def host_rows(
     space: str, items: Sequence[tuple[str, Mapping[str, Any]]], input_shape: tuple[int, int, int], cache_path: Path, kind: str
 ) -> tuple[list[dict[str, float]], str, str]:
     """feature_row() per candidate (host latency from the cache, timed when missing); progress with ETA."""
-    from hwnas.evaluators.measure.cache import LatencyCache, file_sha256, measurement_to_dict
+    from hwnas.evaluators.measure.cache import LatencyCache, file_sha256
     from hwnas.evaluators.measure.features import feature_row, onnx_features
 
     cache = LatencyCache(cache_path)
@@ -200,7 +200,7 @@ def host_rows(
             sha = file_sha256(path)
             cached = cache.get(sha, device_id, protocol_key)
             if cached is not None:
-                host_ms, hits = float(measurement_to_dict(cached)["median_ms"]), hits + 1
+                host_ms, hits = cached.median_ms, hits + 1
             else:
                 record = measure(path)
                 host_ms = float(record.median_ms)
