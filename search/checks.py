@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from hwnas.evaluators.measure.base import AGENT_URL_RE, ENV_NAME_RE
+
 # Bounds. A bound is there to catch a typo (an extra zero, a unit mix-up) before hours are spent:
 # each is far above any sensible value, and below the point where something overflows or the run
 # could never finish.
@@ -368,23 +370,19 @@ def _data(extra: Mapping[str, Check]) -> dict[str, Check]:
     }
 
 
-URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?")
-ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
 def agent_urls(key: str, v: Any) -> None:
     allowed = "a non-empty list of agent URLs http(s)://HOST:PORT, each once"
     if not isinstance(v, ListConfig) or len(v) == 0:
         raise refuse(key, v, allowed)
     for i, url in enumerate(v):
-        if not isinstance(url, str) or not URL_RE.fullmatch(url):
+        if not isinstance(url, str) or not AGENT_URL_RE.fullmatch(url):
             raise refuse(f"{key}[{i}]", url, allowed)
     if len({str(u).rstrip("/") for u in v}) != len(v):
         raise refuse(key, v, allowed, "lists a URL twice")
 
 
 def env_name(key: str, v: Any) -> None:
-    if not isinstance(v, str) or not ENV_RE.fullmatch(v):
+    if not isinstance(v, str) or not ENV_NAME_RE.fullmatch(v):
         raise refuse(key, v, "the name of an environment variable ([A-Za-z_][A-Za-z0-9_]*)")
 
 

@@ -6,6 +6,7 @@ fingerprint) so that a latency is never silently taken from another device.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -13,6 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from hwnas.evaluators.measure.protocol import Measurement, MeasureProtocol
 
+
+# An agent's address (http(s)://HOST:PORT, IPv6 in brackets) and the name of the environment variable
+# holding its token: checked alike by the config schema (search/checks.py) and RemoteTarget.
+AGENT_URL_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}/?")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 # conf/hardware keys that are not the target's own: how latencies are obtained (plan.py).
 PLAN_KEYS = ("cache", "predictor", "prescreen")

@@ -19,7 +19,10 @@ from hwnas.evaluators.measure.protocol import (
     PROVIDERS,
     Measurement,
     MeasureProtocol,
+    check_counts,
+    check_provider,
     make_session,
+    target_protocol,
     time_session,
 )
 
@@ -78,21 +81,11 @@ class LocalTarget:
     _fingerprint: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.provider == "gpu":
-            raise ValueError("provider='gpu' is ambiguous; allowed: cpu, cuda (say 'cuda' for NVIDIA GPUs)")
-        if self.provider not in PROVIDERS:
-            raise ValueError(f"provider={self.provider!r} is unknown; allowed: {', '.join(PROVIDERS)}")
+        check_provider(self.provider)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name={self.name!r} is empty; allowed: a non-empty string")
-        for key, value, low in (
-            ("threads", self.threads, 1),
-            ("batch_size", self.batch_size, 1),
-            ("warmup", self.warmup, 0),
-            ("repeats", self.repeats, 3),
-            ("max_rounds", self.max_rounds, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key}={value!r} is invalid; allowed: an int >= {low}")
+        check_counts((("threads", self.threads, 1), ("batch_size", self.batch_size, 1), ("warmup", self.warmup, 0),
+                      ("repeats", self.repeats, 3), ("max_rounds", self.max_rounds, 1)))
         limits: tuple[tuple[str, float, float], ...] = (
             ("block_ms", self.block_ms, 10_000.0), ("cv_threshold", self.cv_threshold, 10.0),
         )
@@ -103,10 +96,7 @@ class LocalTarget:
             raise ValueError(f"isolate={self.isolate!r} is invalid; allowed: true, false")
         if self.affinity not in AFFINITY:
             raise ValueError(f"affinity={self.affinity!r} is unknown; allowed: {', '.join(AFFINITY)}")
-        try:
-            self.protocol()  # the protocol's own bounds, named by its keys
-        except ValueError as e:
-            raise ValueError(f"hardware: {e}") from None
+        self.protocol()  # the protocol's own bounds, named by its keys
 
     @property
     def ort_provider(self) -> str:
@@ -127,10 +117,9 @@ class LocalTarget:
         return dict(self._fingerprint)
 
     def protocol(self) -> MeasureProtocol:
-        return MeasureProtocol(
-            batch_size=self.batch_size, threads=self.threads, warmup_runs=self.warmup,
-            block_s=self.block_ms / 1000, blocks=self.repeats, cv_threshold=self.cv_threshold,
-            max_rounds=self.max_rounds,
+        return target_protocol(
+            batch_size=self.batch_size, threads=self.threads, warmup=self.warmup, repeats=self.repeats,
+            block_ms=self.block_ms, cv_threshold=self.cv_threshold, max_rounds=self.max_rounds,
         )
 
     def measure(self, onnx_path: str | Path) -> Measurement:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,37 @@ class MeasureProtocol:
 
     def query(self) -> dict[str, str]:
         return {k: repr(v) if isinstance(v, float) else str(v) for k, v in self.to_dict().items()}
+
+
+# ---- what the targets (local.py, remote.py) share: their config keys and the protocol they describe ----
+
+
+def check_provider(provider: Any) -> None:
+    if provider == "gpu":
+        raise ValueError("provider='gpu' is ambiguous; allowed: cpu, cuda (say 'cuda' for NVIDIA GPUs)")
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider={provider!r} is unknown; allowed: {', '.join(PROVIDERS)}")
+
+
+def check_counts(fields: Iterable[tuple[str, Any, int]]) -> None:
+    """(config key, value, lowest allowed) of integer settings: one line naming the key otherwise."""
+    for key, value, low in fields:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{key}={value!r} is invalid; allowed: an int >= {low}")
+
+
+def target_protocol(
+    *, batch_size: int, threads: int, warmup: int, repeats: int, block_ms: float, cv_threshold: float, max_rounds: int
+) -> MeasureProtocol:
+    """The protocol a target's conf/hardware keys describe (warmup runs, `repeats` blocks of >= block_ms);
+    a value out of the protocol's own bounds is named by the protocol's key."""
+    try:
+        return MeasureProtocol(
+            batch_size=batch_size, threads=threads, warmup_runs=warmup, block_s=block_ms / 1000, blocks=repeats,
+            cv_threshold=cv_threshold, max_rounds=max_rounds,
+        )
+    except ValueError as e:
+        raise ValueError(f"hardware: {e}") from None
 
 
 # Measurement fields and the JSON types from_dict accepts for them.

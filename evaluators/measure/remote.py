@@ -21,12 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hwnas.evaluators.measure.base import MeasureError
+from hwnas.evaluators.measure.base import AGENT_URL_RE, ENV_NAME_RE, MeasureError
 from hwnas.evaluators.measure.fingerprint import ID_FIELDS, fingerprint_id
-from hwnas.evaluators.measure.protocol import PROVIDERS, Measurement, MeasureProtocol
+from hwnas.evaluators.measure.protocol import (
+    PROVIDERS,
+    Measurement,
+    MeasureProtocol,
+    check_counts,
+    check_provider,
+    target_protocol,
+)
 
-URL_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}/?")
-ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 CONNECT_TIMEOUT_S = 10.0  # a host that does not answer a TCP connect within this is down
 INFO_TIMEOUT_S = 30.0  # /health and /info answer at once even while the agent measures
 DOWN_S = 60.0  # an agent that just failed is tried last for this long (per process)
@@ -81,21 +86,16 @@ class RemoteTarget:
         if isinstance(urls, (str, bytes)) or not isinstance(urls, Sequence) or len(urls) == 0:
             raise ValueError(f"urls={urls!r} is invalid; allowed: a non-empty list of http(s)://HOST:PORT")
         for url in urls:
-            if not isinstance(url, str) or not URL_RE.fullmatch(url):
+            if not isinstance(url, str) or not AGENT_URL_RE.fullmatch(url):
                 raise ValueError(f"urls: {url!r} is invalid; allowed: http(s)://HOST:PORT (e.g. http://pi-1:8765)")
         self.urls = [u.rstrip("/") for u in urls]
         if len(set(self.urls)) != len(self.urls):
             raise ValueError(f"urls: {list(urls)} lists an agent twice; allowed: each URL once")
-        if not isinstance(token_env, str) or not ENV_RE.fullmatch(token_env):
+        if not isinstance(token_env, str) or not ENV_NAME_RE.fullmatch(token_env):
             raise ValueError(f"token_env={token_env!r} is invalid; allowed: an environment variable name")
-        if provider == "gpu":
-            raise ValueError("provider='gpu' is ambiguous; allowed: cpu, cuda (say 'cuda' for NVIDIA GPUs)")
-        if provider not in PROVIDERS:
-            raise ValueError(f"provider={provider!r} is unknown; allowed: {', '.join(PROVIDERS)}")
-        for key, value, low in (("threads", threads, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
-                                ("repeats", repeats, 3), ("max_rounds", max_rounds, 1), ("retries", retries, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key}={value!r} is invalid; allowed: an int >= {low}")
+        check_provider(provider)
+        check_counts((("threads", threads, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
+                      ("repeats", repeats, 3), ("max_rounds", max_rounds, 1), ("retries", retries, 0)))
         for name_, number, low_open in (("block_ms", block_ms, True), ("cv_threshold", cv_threshold, True),
                                         ("timeout_s", timeout_s, True), ("backoff_s", backoff_s, False)):
             if not isinstance(number, (int, float)) or isinstance(number, bool) or number != number or (
@@ -106,10 +106,7 @@ class RemoteTarget:
         self.threads, self.batch_size, self.warmup, self.repeats = threads, batch_size, warmup, repeats
         self.block_ms, self.cv_threshold, self.max_rounds = float(block_ms), float(cv_threshold), max_rounds
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), retries, float(backoff_s)
-        try:
-            self.protocol()  # the protocol's own bounds, named by its keys
-        except ValueError as e:
-            raise ValueError(f"hardware: {e}") from None
+        self.protocol()  # the protocol's own bounds, named by its keys
         self._fingerprint: dict[str, Any] = {}  # the pool's, from check_available (pickled along: plain data)
         self._device_id = ""
         self._down: dict[str, float] = {}  # url -> monotonic time of its last failure, in this process
@@ -130,10 +127,9 @@ class RemoteTarget:
 
     # ---- Target ----
     def protocol(self) -> MeasureProtocol:
-        return MeasureProtocol(
-            batch_size=self.batch_size, threads=self.threads, warmup_runs=self.warmup,
-            block_s=self.block_ms / 1000, blocks=self.repeats, cv_threshold=self.cv_threshold,
-            max_rounds=self.max_rounds,
+        return target_protocol(
+            batch_size=self.batch_size, threads=self.threads, warmup=self.warmup, repeats=self.repeats,
+            block_ms=self.block_ms, cv_threshold=self.cv_threshold, max_rounds=self.max_rounds,
         )
 
     def token(self) -> str:
