@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -26,21 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from hwnas.agent.launch import start_agent
-from hwnas.evaluators.measure.fingerprint import device_fingerprint
+from hwnas.scripts.sweep_run import machine, run_search, split_overrides, trial_rows
 
 ROOT = Path.cwd()
 
 
 def _sweep(run_dir: Path, url: str, trials: int, token: str, extra: Sequence[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", "import sys; from hwnas.search.cli import run; sys.exit(run())",
-           f"run_dir={run_dir}", "tracking.enabled=false", "runner.max_concurrent=2", f"n_trials={trials}",
-           "hardware=remote", f"hardware.urls=[{url}]", *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HWNAS_AGENT_TOKEN": token})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    rows = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines() if x.strip()]
+    wall = run_search(run_dir, trials, ["hardware=remote", f"hardware.urls=[{url}]", *extra], ROOT,
+                      env={"HWNAS_AGENT_TOKEN": token})
+    rows = trial_rows(run_dir)
     done = [r for r in rows if r["status"] == "COMPLETE"]
     return {
         "run_dir": str(run_dir.relative_to(ROOT)), "wall_s": wall, "complete": len(done), "failed": len(rows) - len(done),
@@ -51,9 +44,7 @@ def _sweep(run_dir: Path, url: str, trials: int, token: str, extra: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "cache.json")
     parser.add_argument("--trials", type=int, default=8)
@@ -75,10 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent.stop(signal.SIGTERM)
     first, again = sweeps
     same = [a for a in first["latency_ms"] if a in again["latency_ms"]]
-    fp = device_fingerprint("cpu")
     out = {
         "command": "python -m hwnas.scripts.bench_cache " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": fp["cpu_model"], "flags": fp["flags"], "cores": fp["logical_cores"], "onnxruntime": fp["onnxruntime"]},
+        "machine": machine(),
         "first": first, "again": again,
         "same_candidates": len(same),
         "identical_latency_from_cache": sum(first["latency_ms"][a] == again["latency_ms"][a] for a in same),

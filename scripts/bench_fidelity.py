@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from hwnas.evaluators.measure.fingerprint import device_fingerprint
+from hwnas.scripts.sweep_run import machine, run_search, split_overrides, trial_rows
 
 ROOT = Path.cwd()
 TARGETS = {"spearman": 0.95, "median_abs_err": 0.10, "cv_of_median": 0.02}
@@ -47,17 +46,6 @@ def fidelity(recorded_ms: Sequence[float], idle_ms: Sequence[float]) -> dict[str
             "n": int(len(rec))}
 
 
-def _sweep(run_dir: Path, trials: int, overrides: Sequence[str]) -> float:
-    cmd = [sys.executable, "-c", "import sys; from hwnas.search.cli import run; sys.exit(run())",
-           f"run_dir={run_dir}", "tracking.enabled=false", "runner.max_concurrent=2", f"n_trials={trials}",
-           "hardware.cache=null", *overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return time.perf_counter() - start
-
-
 def _remeasure(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -66,7 +54,7 @@ def _remeasure(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     target = instantiate(OmegaConf.create(target_config(cfg.hardware)))
-    rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines() if line.strip()]
+    rows = trial_rows(run_dir)
     out = []
     for row in rows:
         if row["status"] != "COMPLETE":
@@ -85,7 +73,7 @@ def _remeasure(run_dir: Path, repeats: int) -> list[dict[str, Any]]:
 
 def _case(name: str, trials: int, repeats: int, overrides: Sequence[str]) -> dict[str, Any]:
     run_dir = ROOT / "results" / "bench" / "fidelity_runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    wall = _sweep(run_dir, trials, overrides)
+    wall = run_search(run_dir, trials, ["hardware.cache=null", *overrides], ROOT)
     load_after_sweep = os.getloadavg()
     time.sleep(20)  # let the sweep's processes go before the idle re-measurement
     load_idle = os.getloadavg()
@@ -104,20 +92,16 @@ def _case(name: str, trials: int, repeats: int, overrides: Sequence[str]) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "fidelity.json")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--also-unisolated", action="store_true")
     args = parser.parse_args(argv)
-    fp = device_fingerprint("cpu")
     result: dict[str, Any] = {
         "command": "python -m hwnas.scripts.bench_fidelity " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": fp["cpu_model"], "flags": fp["flags"], "cores": fp["logical_cores"],
-                    "onnxruntime": fp["onnxruntime"], "loadavg_start": os.getloadavg()},
+        "machine": machine(),
         "targets": TARGETS,
         "isolated": _case("isolated", args.trials, args.repeats, extra),
     }

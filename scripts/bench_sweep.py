@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hwnas.scripts.sweep_run import split_overrides
 from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)
@@ -372,11 +373,7 @@ def load_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in args_in:
-        i = args_in.index("--")
-        args_in, extra = args_in[:i], args_in[i + 1 :]
+    args_in, extra = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench/sweep.json")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "results/bench/sweep_runs",
