@@ -150,7 +150,7 @@ def _check_formats(formats: list[str], plan: LatencyPlan) -> None:
     from hwnas.evaluators.measure.formats import check_formats
 
     try:
-        check_formats(formats, plan.target.provider, plan.target.fingerprint())
+        check_formats(formats, plan.target.provider, plan.fingerprint())
     except ValueError as exc:
         raise ConfigError(f"space.quant: {str(exc).strip().splitlines()[0]}") from None
 
