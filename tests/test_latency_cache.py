@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -77,6 +78,35 @@ def test_several_processes_write_one_file(tmp_path: Path) -> None:
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     cache = LatencyCache(path)
     assert len(cache) == 160 and len(cache.table("dev")) == 160
+
+
+CREATOR = """
+import sys, time
+from hwnas.evaluators.measure.cache import LatencyCache
+from test_latency_cache import measurement
+start = float(sys.argv[3])
+while time.time() < start:  # every process opens the new file at the same moment
+    pass
+w = int(sys.argv[2])
+cache = LatencyCache(sys.argv[1])
+cache.put(f"{w:02x}".ljust(64, "0"), "dev", "p", measurement(1 + w), arch=f"w{w}", candidate={"w": w}, space="s")
+"""
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_processes_that_create_the_file_together_all_succeed(tmp_path: Path, round_: int) -> None:
+    # Two Ray trials of a new experiment folder open its cache at once: found by a CI sweep where one
+    # trial failed with "database is locked" while the file was being created.
+    path = tmp_path / f"new{round_}.sqlite"
+    start = str(time.time() + 1.5)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CREATOR, str(path), str(w), start], cwd=Path(__file__).parent,
+                         stderr=subprocess.PIPE, text=True)
+        for w in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    assert len(LatencyCache(path)) == 4
 
 
 def test_not_a_cache_is_refused(tmp_path: Path) -> None:
@@ -174,3 +204,15 @@ def test_bad_files_are_refused_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(ValueError) as e:
             onnx_features(target)
         assert "\n" not in str(e.value) and "onnx model" in str(e.value)
+
+
+def test_a_cache_in_use_travels_to_another_process_by_pickle(tmp_path: Path) -> None:
+    # The plan opens an existing cache in the driver, then Ray pickles it into every worker: the open
+    # connection stays behind, the copy opens its own.
+    import pickle
+
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(SHA, "dev", "p", measurement(1.0), arch="a", candidate={}, space="s")
+    copy = pickle.loads(pickle.dumps(cache))
+    copy.put("cd" * 32, "dev", "p", measurement(2.0), arch="b", candidate={}, space="s")
+    assert len(copy) == 2 and len(cache) == 2 and copy.get(SHA, "dev", "p").median_ms == 1.0

@@ -12,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
 if TYPE_CHECKING:  # the driver imports file_sha256 from here: ONNX Runtime stays out of that import
     from hwnas.evaluators.measure.protocol import Measurement
 
+T = TypeVar("T")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 TABLE_COLUMNS = (
@@ -69,6 +71,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _when_unlocked(work: Callable[[], T]) -> T:
+    """`work`, tried again while SQLite answers "database is locked" without waiting (it does so while
+    another process creates the file or switches it to WAL), up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.02
+    while True:
+        try:
+            return work()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)
+
+
 class LatencyCache:
     """get/put measurements; `table()` exports them, `devices()` lists the devices in the file."""
 
@@ -82,33 +99,62 @@ class LatencyCache:
             if head and head != b"SQLite format 3\x00":
                 raise ValueError(f"latency cache: {str(self.path)!r} is not an SQLite file; allowed: an SQLite file (new or made by hwnas)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
         try:
-            with self._connect() as conn:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if tables and "hwnas_latency" not in tables:
-                    raise ValueError(
-                        f"latency cache: {str(self.path)!r} is an SQLite file of something else (tables: "
-                        f"{', '.join(sorted(tables))[:80]}); allowed: a latency cache made by hwnas, or a new path"
-                    )
-                conn.executescript(_SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO hwnas_latency_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                version = conn.execute("SELECT value FROM hwnas_latency_meta WHERE key='schema_version'").fetchone()[0]
+            version = _when_unlocked(self._create)
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"latency cache: {str(self.path)!r} cannot be used ({exc}); allowed: an SQLite file made by hwnas") from None
         if version != str(SCHEMA_VERSION):
             raise ValueError(f"latency cache: {str(self.path)!r} has schema {version}; allowed: {SCHEMA_VERSION}")
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    def __getstate__(self) -> dict[str, Any]:
+        # Shipped to Ray workers inside the evaluator: each process opens its own connection.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self._conn, self._lock = state["path"], None, threading.Lock()
+
+    def _create(self) -> str:
+        """The tables, made or checked under the write lock taken up front (BEGIN IMMEDIATE waits on the
+        busy timeout; a read lock upgraded later could fail at once), then WAL, which the file keeps."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "hwnas_latency" not in tables:
+                raise ValueError(
+                    f"latency cache: {str(self.path)!r} is an SQLite file of something else (tables: "
+                    f"{', '.join(sorted(tables))[:80]}); allowed: a latency cache made by hwnas, or a new path"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO hwnas_latency_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            version = str(conn.execute("SELECT value FROM hwnas_latency_meta WHERE key='schema_version'").fetchone()[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         # WAL: readers never block the one writer; a killed writer leaves no half row. Needs a local file system.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        return version
+
+    def _connect(self) -> sqlite3.Connection:
+        """This process's one connection, opened on first use and kept: opening and closing one per call
+        made every close a checkpoint that a concurrent open could meet as "database is locked"."""
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = conn
+        return self._conn
 
     def get(self, sha256: str, device_id: str, protocol_key: str) -> Measurement | None:
         """The cached Measurement (source "cache") of this file on this device with this protocol, or None."""
-        with self._connect() as conn:
+        with self._lock:
+            conn = self._connect()
             row = conn.execute(
                 "SELECT measurement FROM hwnas_latency WHERE sha256=? AND device_id=? AND protocol_key=?",
                 (sha256, device_id, protocol_key),
@@ -132,18 +178,21 @@ class LatencyCache:
                 raise ValueError(f"{key}: {value!r} is empty; allowed: a non-empty string")
         record = json.dumps(measurement_to_dict(m), sort_keys=True)
         cand = json.dumps(dict(candidate), sort_keys=True)
-        with self._connect() as conn:
+        with self._lock:
+            conn = self._connect()
             conn.execute(
                 "INSERT OR REPLACE INTO hwnas_latency VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (sha256, device_id, protocol_key, record, arch, cand, space, time.time()),
             )
 
     def devices(self) -> list[str]:
-        with self._connect() as conn:
+        with self._lock:
+            conn = self._connect()
             return [r[0] for r in conn.execute("SELECT DISTINCT device_id FROM hwnas_latency ORDER BY device_id")]
 
     def __len__(self) -> int:
-        with self._connect() as conn:
+        with self._lock:
+            conn = self._connect()
             return int(conn.execute("SELECT COUNT(*) FROM hwnas_latency").fetchone()[0])
 
     def table(self, device_id: str | None = None) -> pd.DataFrame:
@@ -152,7 +201,8 @@ class LatencyCache:
         args: tuple[str, ...] = ()
         if device_id is not None:
             query, args = query + " WHERE device_id=?", (device_id,)
-        with self._connect() as conn:
+        with self._lock:
+            conn = self._connect()
             rows = conn.execute(query + " ORDER BY created, rowid", args).fetchall()
         out = []
         bad = 0
