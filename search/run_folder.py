@@ -79,10 +79,11 @@ def artifact_roots(run_dir: Path, cfg: DictConfig) -> list[Path]:
 
 
 def check_inside(path: Any, roots: Sequence[Path], what: str) -> None:
-    """ConfigError unless `path` (a record's file) resolves inside one of `roots`."""
+    """ConfigError unless `path` (a record's file) resolves inside one of `roots`; a relative path is
+    relative to the run folder (roots[0]), as trials.jsonl keeps it."""
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{what}: {path!r} is not a file path; allowed: a file inside {roots[0]}")
-    resolved = Path(path).resolve()
+    resolved = (roots[0] / path).resolve()
     if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
         raise ConfigError(f"{what}: {path} is outside the run folder; allowed: a file inside {' or '.join(map(str, roots))}")
 

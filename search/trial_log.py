@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from hwnas.search.units import display_metrics, display_name
+
 TRIALS_JSONL = "trials.jsonl"
 COMPLETE, FAILED = "COMPLETE", "FAILED"
 
@@ -46,13 +48,36 @@ class TrialLog:
                         continue
 
 
+def relative_artifact(run_dir: Path, path: str | None) -> str | None:
+    """A trial's file as the record keeps it: relative to the run folder when inside it, so the folder
+    can be moved or copied; absolute when it lies elsewhere (a cluster's `runner.storage`)."""
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def artifact_path(run_dir: Path, row: dict[str, Any]) -> Path | None:
+    """The file a row names, wherever the run folder is now (rows before relative paths hold absolute ones)."""
+    artifact = row.get("artifact")
+    if not artifact:
+        return None
+    p = Path(artifact)
+    return p if p.is_absolute() else Path(run_dir) / p
+
+
 # Per-sweep fields every row carries (search/experiment.py): the latency target's device and protocol.
 ROW_FIELDS = ("device_id", "latency_protocol")
 
 
 def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.DataFrame:
     """Flatten rows for trials.csv, in trial order: id and status columns, then the `first` metrics (the
-    objectives), then params, then the other metrics, then error. Integer columns stay integers."""
+    objectives), then params, then the other metrics (step times as `time/<step>_s`), then where and how
+    latency was measured, the node, the error and the file (relative to the run folder). Integer columns
+    stay integers."""
     flat = []
     for r in sorted(rows, key=lambda r: r["number"]):
         item = {
@@ -64,7 +89,7 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
             "pareto": r.get("pareto", False),
         }
         item.update(r["candidate"])
-        item.update(r.get("metrics") or {})
+        item.update(display_metrics(r.get("metrics") or {}))
         # Where and how latency_ms was measured (rows of sweeps before issue 11 have neither).
         for key in ROW_FIELDS:
             if key in r:
@@ -75,7 +100,7 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
         flat.append(item)
     frame = pd.DataFrame(flat)
     params = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
-    metrics = list(dict.fromkeys(k for r in rows for k in (r.get("metrics") or {})))
+    metrics = list(dict.fromkeys(display_name(k) for r in rows for k in (r.get("metrics") or {})))
     order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, *params, *metrics,
              *ROW_FIELDS, "node", "error", "artifact"]
     frame = frame[[c for c in dict.fromkeys(order) if c in frame.columns]]
