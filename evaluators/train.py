@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hwnas.evaluators.data import DataRecipe
+from hwnas.evaluators.data.base import FIT_SPLITS
 from hwnas.evaluators.training_options import check_accelerator
 
 
@@ -59,18 +60,20 @@ class ClassifierModule(pl.LightningModule):
 
 class SplitsDataModule(pl.LightningDataModule):
     """The Lightning face of a dataset's fixed splits (`evaluators.data.DataRecipe`); `seed` orders and
-    augments the training batches (the trial's seed, so a re-evaluated candidate sees the same batches)."""
+    augments the training batches (the trial's seed, so a re-evaluated candidate sees the same batches).
+    `split`: what it trains on, "train" in a sweep, "trainval" (train + val) in final training."""
 
-    def __init__(self, data: DataRecipe, seed: int) -> None:
+    def __init__(self, data: DataRecipe, seed: int, split: str = "train") -> None:
         super().__init__()
         self.data = data
         self.seed = seed
+        self.split = split
 
     def setup(self, stage: str | None = None) -> None:
         self.data.setup()  # idempotent: opens the memory-mapped cache once per process
 
     def train_dataloader(self) -> DataLoader:
-        return self.data.loader("train", shuffle=True, seed=self.seed)
+        return self.data.loader(self.split, shuffle=True, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self.data.loader("val", shuffle=False)
@@ -137,11 +140,15 @@ def fit(
     seed: int,
     deadline: float | None = None,
     compute_slot: bool = True,
+    split: str = "train",
 ) -> nn.Module:
-    """Train `model` in place for `epochs` on the data's train split; return it on CPU in eval mode.
+    """Train `model` in place for `epochs` on the data's `split` ("train", or "trainval" for final
+    training); return it on CPU in eval mode.
     compute_slot: hold the node's compute slot per batch (ComputeSlot); False where no latency is timed
     on this node (remote or predicted targets)."""
     check_accelerator(accelerator)
+    if split not in FIT_SPLITS:
+        raise ValueError(f"split={split!r} is not a training split; allowed: {', '.join(FIT_SPLITS)}")
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
     module = ClassifierModule(model, lr=lr, optimizer=optimizer, weight_decay=weight_decay, epochs=epochs)
@@ -166,5 +173,5 @@ def fit(
         # No validation loop (ClassifierModule has no validation_step, so Lightning skips the data
         # module's val loader and says so): accuracy is measured on the exported file with ONNX Runtime.
         warnings.filterwarnings("ignore", message=".*no `validation_step`.*")
-        trainer.fit(module, datamodule=SplitsDataModule(data, seed))
+        trainer.fit(module, datamodule=SplitsDataModule(data, seed, split))
     return module.model.cpu().eval()

@@ -7,7 +7,8 @@ A dataset's life in a sweep:
    cache keyed by that fingerprint. Workers and later sweeps on the same data reuse the cache.
 2. `setup()` — any process: open the cache (memory-mapped; nothing is decoded again).
 3. `loader(...)`, `arrays(...)`, `sample(...)` — normalised float32 NCHW batches for training,
-   ONNX Runtime accuracy and calibration.
+   ONNX Runtime accuracy and calibration, of "train", "val", "test" or "trainval" (train and val
+   together: final training).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 SPLITS = ("train", "val", "test")
+# Pseudo-splits: unions of the stored splits, read like one (final training fits on train + val).
+UNIONS = {"trainval": ("train", "val")}
+FIT_SPLITS = ("train", "trainval")  # what training reads: augmented when shuffled and augment is on
 # Split codes in a Scan: an item's own split, or POOL (train data from which val/test may be carved).
 TRAIN, VAL, TEST, POOL = 0, 1, 2, -1
 

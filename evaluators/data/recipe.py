@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from hwnas.evaluators.data import cache as cache_io
-from hwnas.evaluators.data.base import SPLITS, TRAIN, DataError, Scan
+from hwnas.evaluators.data.base import FIT_SPLITS, SPLITS, TRAIN, UNIONS, DataError, Scan
 from hwnas.evaluators.data.splits import assign, read_split_file
 
 if TYPE_CHECKING:
@@ -277,8 +277,12 @@ class CachedData:
         }
 
     def _indices(self, split: str) -> np.ndarray:
+        """Sorted item indices of a split, or of a pseudo-split's parts together ("trainval")."""
+        if split in UNIONS:
+            codes = [SPLITS.index(part) for part in UNIONS[split]]
+            return np.flatnonzero(np.isin(self._opened().split, codes))
         if split not in SPLITS:
-            raise ValueError(f"split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
+            raise ValueError(f"split={split!r} is unknown; allowed: {', '.join((*SPLITS, *UNIONS))}")
         return np.flatnonzero(self._opened().split == SPLITS.index(split))
 
     def _normalised(self, idx: np.ndarray) -> np.ndarray:
@@ -294,12 +298,12 @@ class CachedData:
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(x float32 NCHW normalised, y int64) of a whole split: what ORT accuracy reads.
-        Val and test are kept once made; train is made on every call (it may not fit in memory)."""
+        Val and test are kept once made; train and trainval are made on every call (they may not fit in memory)."""
         if split in self._memo:
             return self._memo[split]
         idx = self._indices(split)
         out = (np.ascontiguousarray(self._normalised(idx)), self._opened().y[idx].copy())
-        if split != "train":
+        if split not in FIT_SPLITS:
             self._memo[split] = out
         return out
 
@@ -312,8 +316,8 @@ class CachedData:
 
     def loader(self, split: str, *, shuffle: bool, seed: int | None = None) -> DataLoader:
         """Batches of one split for torch/Lightning, read from the memory-mapped cache a batch at a
-        time; shuffled batches of the train split are augmented when `augment` is on, seeded by `seed`
-        (val and test never are, shuffled or not)."""
+        time; shuffled batches of the train split (or trainval, final training's train + val) are
+        augmented when `augment` is on, seeded by `seed` (val and test never are, shuffled or not)."""
         import torch
         from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -321,7 +325,7 @@ class CachedData:
         seed = self.seed if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         order = RandomSampler(range(len(idx)), generator=generator) if shuffle else SequentialSampler(range(len(idx)))
-        batches = _Batches(self, idx, augment=split == "train" and shuffle and self.augment, seed=seed)
+        batches = _Batches(self, idx, augment=split in FIT_SPLITS and shuffle and self.augment, seed=seed)
         # batch_size=None: the sampler hands whole index lists to _Batches, which reads one slice of
         # the memmap per batch instead of one item at a time.
         return DataLoader(cast(Any, batches), sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None, num_workers=0)
