@@ -12,8 +12,9 @@ class Evaluation:
     """Measured numbers of one candidate.
 
     metrics: flat name -> float. Names that cross boundaries: val_accuracy (0..1, of the exported
-    file, computed with ONNX Runtime), latency_ms (median), latency_p90_ms, model_bytes, params,
-    macs, and `<step>_s` for the seconds each step took.
+    file, computed with ONNX Runtime), float_val_accuracy (the same of its fp32 twin, before
+    compression), latency_ms (median), latency_p90_ms, model_bytes, params, macs, and `<step>_s` for
+    the seconds each step took.
     artifact: path of the exact file whose accuracy and latency were measured (None for tables).
     """
 

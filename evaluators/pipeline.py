@@ -1,15 +1,20 @@
 """One trial end to end: build -> train -> prune -> fine-tune -> export -> compress -> ORT accuracy -> latency.
 
-The reported accuracy and latency are both measured on the single compressed ONNX file left in the
-trial directory, so what the search ranks is exactly what would be deployed.
+The reported accuracy and latency are both measured on the compressed ONNX file left in the trial
+directory (model.onnx), so what the search ranks is exactly what would be deployed. A compressed
+trial also keeps its fp32 twin (model_fp32.onnx), whose accuracy is `float_val_accuracy`.
+`retrain` runs the same steps as final training (train + val, no latency); `measure_fresh` times a
+file for the export, past the cache.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +37,15 @@ if TYPE_CHECKING:
 # starts Ray ~9 s sooner (2 cores), and a tabular sweep never loads them at all.
 
 ARTIFACT_NAME = "model.onnx"
+# A compressed model's fp32 twin, kept beside it: the export reports what compression cost.
+FLOAT_ARTIFACT_NAME = "model_fp32.onnx"
+FINAL_SPLIT = "trainval"  # final training fits on train + val
 STEPS = ("data", "build", "train", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
 EVAL_SPLITS = ("val", "test")
 METRIC_NAMES = frozenset(
     {
         "val_accuracy",
+        "float_val_accuracy",  # the fp32 twin's, before compression (fp32: val_accuracy itself)
         "torch_val_accuracy",
         "latency_ms",
         "latency_p90_ms",
@@ -70,6 +79,56 @@ METRIC_NAMES = frozenset(
         *(f"{step}_s" for step in STEPS),
     }
 )
+
+
+# What retrain reports: both held-out figures of the file and of its fp32 twin; no latency.
+RETRAIN_METRIC_NAMES = frozenset(
+    {
+        "test_accuracy",
+        "float_test_accuracy",
+        "val_accuracy",
+        "float_val_accuracy",
+        "torch_val_accuracy",
+        "model_bytes",
+        "params",
+        "macs",
+        "total_s",
+        "data_load_s",
+        *(f"{step}_s" for step in STEPS if step != "latency"),
+    }
+)
+
+
+@dataclass
+class _Made:
+    """What the shared steps leave: the compressed file, its fp32 twin (None for fp32) and what was counted."""
+
+    artifact: Path
+    twin: Path | None
+    seed: int
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    params: int
+    macs: int
+    torch_val_accuracy: float
+    data_load_s: float
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "torch_val_accuracy": self.torch_val_accuracy,
+            "model_bytes": float(self.artifact.stat().st_size),
+            "params": float(self.params),
+            "macs": float(self.macs),
+        }
+
+    def info(self, fmt: str, prune_ratio: float) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "quant": fmt,
+            "prune_ratio": prune_ratio,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+        }
 
 
 @contextmanager
@@ -182,93 +241,95 @@ class PipelineEvaluator:
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
         checked between steps and after every training batch."""
-        with self._computing():  # a worker's first import of torch is seconds of CPU: not beside a timing
-            import torch
-
         prune_ratio, fmt = self._compression(candidate)
-        self._deadline = deadline
-        previous = torch.get_num_threads()
-        # Small CNNs gain nothing from more CPU threads, and with concurrent trials on few cores
-        # OpenMP threads oversubscribe and spin: measured 0.09 s vs 5 s per fit on 2 busy cores.
-        torch.set_num_threads(self.torch_threads)
-        try:
+        with self._running(deadline):
             return self._evaluate(candidate, Path(trial_dir), prune_ratio, fmt)
-        finally:
-            torch.set_num_threads(previous)
+
+    def retrain(
+        self, candidate: dict[str, Any], out_dir: Path, epochs: int, deadline: float | None = None
+    ) -> Evaluation:
+        """Final training: the candidate trained from scratch for `epochs` on train + val ("trainval"),
+        seeded with trial_seed(candidate), compressed as in the sweep (pruning with fine-tuning on
+        trainval, calibration from trainval) into out_dir/model.onnx, the fp32 twin beside it as
+        model_fp32.onnx when the format is not fp32. No latency: measure_fresh times the file.
+
+        Metrics: test_accuracy, float_test_accuracy, val_accuracy and float_val_accuracy (in-sample
+        now: val was trained on), torch_val_accuracy, params, macs, model_bytes and the step times."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs: {epochs!r} is not allowed; allowed: an int >= 1")
+        prune_ratio, fmt = self._compression(candidate)
+        out_dir = Path(out_dir)
+        with self._running(deadline):
+            start = time.perf_counter()
+            metrics: dict[str, float] = {}
+            made = self._make_files(candidate, out_dir, prune_ratio, fmt, metrics, split=FINAL_SPLIT, epochs=epochs)
+            with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
+                for split in EVAL_SPLITS:
+                    x, y = self.data.arrays(split)
+                    score = float(onnx_accuracy(made.artifact, x, y))
+                    metrics[f"{split}_accuracy"] = score
+                    metrics[f"float_{split}_accuracy"] = (
+                        float(onnx_accuracy(made.twin, x, y)) if made.twin is not None else score
+                    )
+            metrics["total_s"] = time.perf_counter() - start
+            metrics["data_load_s"] = made.data_load_s
+        metrics.update(made.metrics())
+        sizes = self.data.summary().get("splits", {})
+        info = {
+            **made.info(fmt, prune_ratio),
+            "split": FINAL_SPLIT,
+            "train_items": int(sizes.get("train", 0)) + int(sizes.get("val", 0)),
+            "epochs": epochs,
+            "finetune_epochs": self.finetune_epochs if prune_ratio > 0 else 0,
+            "float_artifact": str(made.twin) if made.twin is not None else None,
+            "opset": self.opset,
+            "torch_threads": self.torch_threads,
+        }
+        return Evaluation(metrics=metrics, artifact=str(made.artifact), info=info)
+
+    def measure_fresh(self, path: str | Path, *, latency_file: Path | None = None) -> dict[str, Any]:
+        """A latency of `path` taken now on the sweep's target with its protocol, for the export: the
+        cache is neither read nor written, and no predictor is asked unless the plan only predicts
+        (then the prediction, source "predicted", with its error under "prediction").
+
+        Returns Measurement.to_dict() (median_ms, p90_ms, cv, n_runs, disturbed, device_id, source,
+        protocol, fingerprint, ...), plus "prediction" when predicted. `latency_file`: where to also write
+        it as a latency.json record (nothing is written otherwise; a trial's own latency.json is never
+        touched)."""
+        m, prediction = self.latency.measure_fresh(Path(path))
+        out = m.to_dict()
+        if prediction is not None:
+            out["prediction"] = prediction
+        if latency_file is not None:
+            record = {"measurement": m.to_dict(), "prediction": prediction}
+            Path(latency_file).write_text(json.dumps(record, indent=1, default=float))
+        return out
 
     def _evaluate(
         self, candidate: dict[str, Any], trial_dir: Path, prune_ratio: float, fmt: str
     ) -> Evaluation:
-        with self._computing():
-            import pytorch_lightning as pl
-            import torch
-
-            from hwnas.evaluators.onnx_export import export_onnx
-            from hwnas.evaluators.profile import count_params_macs
-            from hwnas.evaluators.prune import prune
-            from hwnas.evaluators.quantize import compress_onnx
-
         # total_s covers every step of the evaluation, so that sweep overheads (process start-up,
         # scheduling, bookkeeping) are what is left of the wall time, not work a trial did unclocked.
         start = time.perf_counter()
         metrics: dict[str, float] = {}
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        seed = self.trial_seed(candidate)
-        dm = self.data
-        with _timed(metrics, "data"), self._computing():
-            # Opens the cache the driver decoded (memory-mapped): no trial decodes or splits again.
-            dm.setup()
-            input_shape, num_classes = dm.input_shape, dm.num_classes
-            x_val, y_val = dm.arrays("val")
-            example = torch.from_numpy(dm.sample("train", 1, seed))
-        loaded_before = getattr(dm, "load_seconds", 0.0)
-
-        check = self._check_deadline
-        with _timed(metrics, "build"), self._computing():
-            pl.seed_everything(seed, verbose=False)
-            model = self.space.build(candidate, input_shape, num_classes)
-        # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
-        with _timed(metrics, "train"), self._deadline_only("train"):
-            model = self._fit(model, self.epochs, seed)
-        # Skipped steps report 0 s so that every trial has the same metric columns.
-        metrics["prune_s"] = metrics["finetune_s"] = 0.0
-        if prune_ratio > 0:
-            with _timed(metrics, "prune"), check("prune"):
-                model = prune(model, prune_ratio, example)
-            if self.finetune_epochs > 0:
-                with _timed(metrics, "finetune"), self._deadline_only("finetune"):
-                    model = self._fit(model, self.finetune_epochs, seed + 1)
-        with _timed(metrics, "profile"), self._computing():
-            model = model.cpu().eval()
-            params, macs = count_params_macs(model, example)
-            torch_val_accuracy = _torch_accuracy(model, x_val, y_val)
-
-        artifact = trial_dir / ARTIFACT_NAME
-        fp32_path = trial_dir / "model_fp32.onnx"
-        with _timed(metrics, "export"), check("export"):
-            export_onnx(model, example, fp32_path, opset=self.opset)
-        with _timed(metrics, "compress"), check("compress"):
-            calibration = dm.sample("train", self.calibration_samples, seed)
-            compress_onnx(
-                fp32_path, fmt, calibration, artifact,
-                int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
-                fingerprint=self.latency.fingerprint() or None,
-            )
-            # One file per trial: the artifact is the exact file measured below.
-            fp32_path.unlink()
-        with _timed(metrics, "accuracy"), check("accuracy"):
-            val_accuracy = onnx_accuracy(artifact, x_val, y_val)
+        made = self._make_files(candidate, trial_dir, prune_ratio, fmt, metrics, split="train", epochs=self.epochs)
+        artifact = made.artifact
+        with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
+            x_val, y_val = self.data.arrays("val")
+            val_accuracy = float(onnx_accuracy(artifact, x_val, y_val))
+            # The fp32 twin's accuracy: what compression cost (fp32 is its own twin, not scored twice).
+            float_val_accuracy = float(onnx_accuracy(made.twin, x_val, y_val)) if made.twin is not None else val_accuracy
         with _timed(metrics, "latency"), self._deadline_only("latency"):
             stats, how = self.latency.measure(
                 artifact, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
             )
         metrics["total_s"] = time.perf_counter() - start
         # Reading and normalising batches (training, fine-tuning): with `data_s`, the trial's data cost.
-        metrics["data_load_s"] = getattr(dm, "load_seconds", 0.0) - loaded_before
+        metrics["data_load_s"] = made.data_load_s
 
         metrics.update(
-            val_accuracy=float(val_accuracy),
-            torch_val_accuracy=float(torch_val_accuracy),
+            val_accuracy=val_accuracy,
+            float_val_accuracy=float_val_accuracy,
             latency_ms=stats.median_ms,
             latency_p90_ms=stats.p90_ms,
             latency_mean_ms=stats.mean_ms,
@@ -282,16 +343,10 @@ class PipelineEvaluator:
             **({"latency_disturbed": float(stats.disturbed)} if stats.source != "predicted" else {}),
             **how,
             **({"energy_j": stats.energy_j} if stats.energy_j is not None else {}),
-            model_bytes=float(artifact.stat().st_size),
-            params=float(params),
-            macs=float(macs),
+            **made.metrics(),
         )
         info = {
-            "seed": seed,
-            "quant": fmt,
-            "prune_ratio": prune_ratio,
-            "input_shape": list(input_shape),
-            "num_classes": num_classes,
+            **made.info(fmt, prune_ratio),
             "latency_target": self.latency.target.name,
             "latency_source": stats.source,
             "device_id": stats.device_id,
@@ -300,6 +355,73 @@ class PipelineEvaluator:
             "torch_threads": self.torch_threads,
         }
         return Evaluation(metrics=metrics, artifact=str(artifact), info=info)
+
+    def _make_files(
+        self, candidate: dict[str, Any], out_dir: Path, prune_ratio: float, fmt: str, metrics: dict[str, float],
+        *, split: str, epochs: int,
+    ) -> _Made:
+        """The steps a trial and final training share: data -> build -> train on `split` -> prune ->
+        fine-tune -> profile -> export (fp32) -> compress. Clocks each step into `metrics`; leaves
+        out_dir/model.onnx and, when compressed, its fp32 twin out_dir/model_fp32.onnx."""
+        with self._computing():
+            import pytorch_lightning as pl
+            import torch
+
+            from hwnas.evaluators.onnx_export import export_onnx
+            from hwnas.evaluators.profile import count_params_macs
+            from hwnas.evaluators.prune import prune
+            from hwnas.evaluators.quantize import compress_onnx
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        seed = self.trial_seed(candidate)
+        dm = self.data
+        with _timed(metrics, "data"), self._computing():
+            # Opens the cache the driver decoded (memory-mapped): no trial decodes or splits again.
+            dm.setup()
+            input_shape, num_classes = dm.input_shape, dm.num_classes
+            x_val, y_val = dm.arrays("val")
+            example = torch.from_numpy(dm.sample(split, 1, seed))
+        loaded_before = getattr(dm, "load_seconds", 0.0)
+
+        check = self._check_deadline
+        with _timed(metrics, "build"), self._computing():
+            pl.seed_everything(seed, verbose=False)
+            model = self.space.build(candidate, input_shape, num_classes)
+        # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
+        with _timed(metrics, "train"), self._deadline_only("train"):
+            model = self._fit(model, epochs, seed, split)
+        # Skipped steps report 0 s so that every trial has the same metric columns.
+        metrics["prune_s"] = metrics["finetune_s"] = 0.0
+        if prune_ratio > 0:
+            with _timed(metrics, "prune"), check("prune"):
+                model = prune(model, prune_ratio, example)
+            if self.finetune_epochs > 0:
+                with _timed(metrics, "finetune"), self._deadline_only("finetune"):
+                    model = self._fit(model, self.finetune_epochs, seed + 1, split)
+        with _timed(metrics, "profile"), self._computing():
+            model = model.cpu().eval()
+            params, macs = count_params_macs(model, example)
+            torch_val_accuracy = _torch_accuracy(model, x_val, y_val)
+
+        artifact = out_dir / ARTIFACT_NAME
+        twin = out_dir / FLOAT_ARTIFACT_NAME
+        with _timed(metrics, "export"), check("export"):
+            export_onnx(model, example, twin, opset=self.opset)
+        with _timed(metrics, "compress"), check("compress"):
+            calibration = dm.sample(split, self.calibration_samples, seed)
+            compress_onnx(
+                twin, fmt, calibration, artifact,
+                int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
+                fingerprint=self.latency.fingerprint() or None,
+            )
+            if fmt == "fp32":
+                # fp32 is its own twin: one file, the artifact measured and shipped.
+                twin.unlink()
+        return _Made(
+            artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
+            num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
+            data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before,
+        )
 
     # -- helpers --------------------------------------------------------------------------------
     def _arch_name(self, candidate: dict[str, Any]) -> str:
@@ -341,7 +463,23 @@ class PipelineEvaluator:
 
         return compute_slot()
 
-    def _fit(self, model: nn.Module, epochs: int, seed: int) -> nn.Module:
+    @contextmanager
+    def _running(self, deadline: float | None) -> Iterator[None]:
+        """One evaluation's settings: its deadline and torch's thread count, restored afterwards."""
+        with self._computing():  # a worker's first import of torch is seconds of CPU: not beside a timing
+            import torch
+
+        self._deadline = deadline
+        previous = torch.get_num_threads()
+        # Small CNNs gain nothing from more CPU threads, and with concurrent trials on few cores
+        # OpenMP threads oversubscribe and spin: measured 0.09 s vs 5 s per fit on 2 busy cores.
+        torch.set_num_threads(self.torch_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    def _fit(self, model: nn.Module, epochs: int, seed: int, split: str = "train") -> nn.Module:
         from hwnas.evaluators.train import fit
 
         return fit(
@@ -355,4 +493,5 @@ class PipelineEvaluator:
             seed=seed,
             deadline=self._deadline,
             compute_slot=self.latency.isolates_host,
+            split=split,
         )

@@ -21,6 +21,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CASES = [(q, r) for q in ("fp32", "int8") for r in (0.0, 0.5)]
 METRICS = {
     "val_accuracy",
+    "float_val_accuracy",
     "torch_val_accuracy",
     "latency_ms",
     "latency_p90_ms",
@@ -125,12 +126,19 @@ def test_metrics_present_and_sane(results, case):
     assert m["train_s"] > 0 and m["export_s"] > 0 and m["latency_s"] > 0  # steps that always do work
     steps = sum(m[f"{s}_s"] for s in STEPS)
     assert 0 < steps <= m["total_s"] + 1e-9
-    # The artifact is the one file in the trial dir, and it is exactly what was measured.
-    assert sorted(p.name for p in trial_dir.iterdir()) == ["latency.json", "model.onnx"]
+    # The artifact is the model file in the trial dir, and it is exactly what was measured; a
+    # compressed one keeps its fp32 twin beside it, scored as float_val_accuracy.
+    twin = ["model_fp32.onnx"] if case[0] != "fp32" else []
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["latency.json", "model.onnx", *twin]
     assert Path(ev.artifact) == trial_dir / "model.onnx"
     assert m["model_bytes"] == Path(ev.artifact).stat().st_size
     x, y = make_evaluator().data.arrays("val")
     assert onnx_accuracy(ev.artifact, x, y) == m["val_accuracy"]
+    if twin:
+        assert onnx_accuracy(trial_dir / "model_fp32.onnx", x, y) == m["float_val_accuracy"]
+        assert abs(m["float_val_accuracy"] - m["torch_val_accuracy"]) <= 0.02  # the same float network
+    else:
+        assert m["float_val_accuracy"] == m["val_accuracy"]
     assert ev.info["quant"] == case[0] and ev.info["prune_ratio"] == case[1]
 
 

@@ -163,13 +163,41 @@ class LatencyPlan:
         self._write(artifact, m, prediction)
         return m, extra
 
+    def measure_fresh(self, artifact: str | Path) -> tuple[Measurement, dict[str, Any] | None]:
+        """A latency of the file taken now (the export's re-measurement): timed on the target with its
+        protocol, never read from the cache nor written to it (the cache keeps the sweep's own figure).
+        A plan that only predicts has no device to time on: then the prediction, source "predicted",
+        with its error as the second item (None when measured). Nothing is written next to the file."""
+        artifact = Path(artifact)
+        if not self.uses_device:
+            prediction = self._predict(artifact, arch="", candidate={}, space="", fresh=True)
+            return self._predicted_measurement(prediction), prediction
+        return self._timed(self.target, artifact), None
+
     # -- internals ----------------------------------------------------------------------------------
-    def _cached(self, target: Target, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> Measurement:
+    @staticmethod
+    def _timed(target: Target, artifact: Path, device_id: str | None = None) -> Measurement:
+        """`target`'s measurement of the file, timed now; refused when another device answered."""
+        from hwnas.evaluators.measure.fingerprint import fingerprint_id
+
+        device_id = device_id or fingerprint_id(target.fingerprint())
+        m = target.measure(artifact)
+        if m.device_id and m.device_id != device_id:
+            raise MeasureError(f"{artifact.name}: measured on device {m.device_id}, expected {device_id}; "
+                               "a latency is never taken from another device")
+        return m
+
+    def _cached(
+        self, target: Target, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str, fresh: bool = False
+    ) -> Measurement:
         """`target`'s measurement of the file: from the cache (source "cache") or timed now and stored.
-        Used for the device and for the host feature alike: a file is never timed twice on one device."""
+        Used for the device and for the host feature alike: a file is never timed twice on one device.
+        `fresh`: timed now, the cache neither read nor written."""
         from hwnas.evaluators.measure.cache import file_sha256
         from hwnas.evaluators.measure.fingerprint import fingerprint_id
 
+        if fresh:
+            return self._timed(target, artifact)
         cache = self.cache()
         if cache is None:
             return target.measure(artifact)
@@ -179,10 +207,7 @@ class LatencyPlan:
         hit = cache.get(sha, device_id, key)
         if hit is not None:
             return hit
-        m = target.measure(artifact)
-        if m.device_id and m.device_id != device_id:
-            raise MeasureError(f"{artifact.name}: measured on device {m.device_id}, expected {device_id}; "
-                               "a latency is never taken from another device")
+        m = self._timed(target, artifact, device_id)
         cache.put(sha, device_id, key, m, arch=arch, candidate=candidate, space=space)
         return m
 
@@ -207,8 +232,10 @@ class LatencyPlan:
                     "its error figures hold for that host; refit here (hwnas-predictor fit) for figures that hold")
         return None
 
-    def _predict(self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str) -> dict[str, Any]:
-        host_m = self._cached(self._host(), artifact, arch=arch, candidate=candidate, space=space)
+    def _predict(
+        self, artifact: Path, *, arch: str, candidate: dict[str, Any], space: str, fresh: bool = False
+    ) -> dict[str, Any]:
+        host_m = self._cached(self._host(), artifact, arch=arch, candidate=candidate, space=space, fresh=fresh)
         p = self.predictor().predict_onnx(artifact, host_m.median_ms)
         return {
             "latency_ms": p.latency_ms, "low_ms": p.latency_low_ms, "high_ms": p.latency_high_ms,
