@@ -14,6 +14,7 @@ from hwnas.evaluators.base import Evaluation
 from hwnas.search.broker import Broker
 from hwnas.search.runners.limits import check_timeout, deadline_after, error_text
 from hwnas.search.runners.sweep import Sweep
+from hwnas.search.runners.worker_output import capture_output
 
 Evaluate = Callable[[int, dict[str, Any]], Evaluation]
 
@@ -47,6 +48,10 @@ class LocalRunner:
 
     def run(self, sweep: Sweep, broker: Broker) -> None:
         def evaluate(number: int, candidate: dict[str, Any]) -> Evaluation:
-            return sweep.evaluator.evaluate(candidate, sweep.trial_dir(number), deadline=deadline_after(self.trial_timeout_s))
+            trial_dir = sweep.trial_dir(number)
+            # The trial's output to trials/<n>/log.txt; only this thread's: the driver's progress line
+            # and tracking threads share the process and keep their streams.
+            with capture_output(trial_dir, all_threads=False):
+                return sweep.evaluator.evaluate(candidate, trial_dir, deadline=deadline_after(self.trial_timeout_s))
 
         run_in_process(broker, evaluate, socket.gethostname())

@@ -18,6 +18,7 @@ from ray import tune
 
 from hwnas.evaluators.base import Evaluator
 from hwnas.search.runners.limits import deadline_after, error_text
+from hwnas.search.runners.worker_output import capture_output
 
 NUMBER_KEY = "hwnas.trial"  # the Optuna trial number, passed to the trainable with the candidate
 ERROR_KEY = "hwnas_error"
@@ -45,7 +46,10 @@ def run_trial(
     number = int(config[NUMBER_KEY])
     trial_dir = Path(trials_root) / f"{number:04d}"
     try:
-        result = evaluator.evaluate(candidate_of(config), trial_dir, deadline=deadline)
+        # The worker's prints, warnings and log records (Lightning's), and a failure's traceback, in
+        # trials/<n>/log.txt: Ray does not send them to the driver (log_to_driver=False).
+        with capture_output(trial_dir):
+            result = evaluator.evaluate(candidate_of(config), trial_dir, deadline=deadline)
     except Exception as exc:  # recorded as a failed trial; the sweep goes on
         tune.report({ERROR_KEY: error_text(exc), "node": node_name()})
         return
