@@ -28,7 +28,7 @@ from hwnas.search.plugins import PluginError, check_plugins, check_tree
 # The MLflow operations a pending file may replay (hwnas.search.tracking.MlflowStore.op_*).
 PENDING_OPS = frozenset({
     "op_trial_started", "op_trial_ended", "op_tag_trial", "op_end_run", "op_set_running",
-    "op_sweep_outputs", "op_register",
+    "op_sweep_outputs", "op_register", "op_log_export", "op_log_dataset",
 })
 PENDING_FILE = "mlflow_pending.jsonl"  # hwnas.search.tracking.PENDING_FILE: named again so this check imports no MLflow
 
@@ -118,6 +118,8 @@ def check_pending(run_dir: Path, cfg: DictConfig) -> None:
             check_inside(op["artifact"], roots, f"{where} artifact")
         for p in op.get("paths") or []:
             check_inside(p, roots, f"{where} path")
+        if op.get("op") == "op_log_export":  # the folder it uploads
+            check_inside(op.get("export_dir"), roots, f"{where} export_dir")
 
 
 def check_run_folder(run_dir: Path, cfg: DictConfig, rows: list[dict[str, Any]] | None = None) -> None:
