@@ -40,6 +40,8 @@ ARTIFACT_NAME = "model.onnx"
 # A compressed model's fp32 twin, kept beside it: the export reports what compression cost.
 FLOAT_ARTIFACT_NAME = "model_fp32.onnx"
 FINAL_SPLIT = "trainval"  # final training fits on train + val
+# What a predicted latency carries about its error (LatencyPlan._predict), for the export's card.
+PREDICTION_ERROR_KEYS = ("low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range")
 STEPS = ("data", "build", "train", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
 EVAL_SPLITS = ("val", "test")
 METRIC_NAMES = frozenset(
@@ -290,16 +292,16 @@ class PipelineEvaluator:
     def measure_fresh(self, path: str | Path, *, latency_file: Path | None = None) -> dict[str, Any]:
         """A latency of `path` taken now on the sweep's target with its protocol, for the export: the
         cache is neither read nor written, and no predictor is asked unless the plan only predicts
-        (then the prediction, source "predicted", with its error under "prediction").
+        (then the prediction, source "predicted", with its error under "prediction_error").
 
         Returns Measurement.to_dict() (median_ms, p90_ms, cv, n_runs, disturbed, device_id, source,
-        protocol, fingerprint, ...), plus "prediction" when predicted. `latency_file`: where to also write
-        it as a latency.json record (nothing is written otherwise; a trial's own latency.json is never
-        touched)."""
+        protocol, fingerprint, ...), plus "prediction_error" when predicted: {low_ms, high_ms (the
+        interval), mape, within10, spearman, n_fit, outside_range}. `latency_file`: where to also write it
+        as a latency.json record (nothing is written otherwise; a trial's own latency.json is never touched)."""
         m, prediction = self.latency.measure_fresh(Path(path))
         out = m.to_dict()
         if prediction is not None:
-            out["prediction"] = prediction
+            out["prediction_error"] = {key: prediction[key] for key in PREDICTION_ERROR_KEYS}
         if latency_file is not None:
             record = {"measurement": m.to_dict(), "prediction": prediction}
             Path(latency_file).write_text(json.dumps(record, indent=1, default=float))

@@ -192,7 +192,7 @@ def test_measure_fresh_times_the_file_past_the_cache(retrained, tmp_path: Path) 
     assert fresh["source"] == "measured" and fresh["median_ms"] > 0 and fresh["n_runs"] > 0
     assert fresh["p90_ms"] >= fresh["median_ms"] and fresh["device_id"] == fingerprint_id(target.fingerprint())
     assert fresh["protocol"] == target.protocol().to_dict() and "disturbed" in fresh and "cv" in fresh
-    assert "prediction" not in fresh
+    assert "prediction_error" not in fresh
     # The cache still holds the sweep's own figure, and nothing was written next to the file.
     cached = LatencyCache(str(cache_path)).get(file_sha256(path), fresh["device_id"], target.protocol().key())
     assert cached is not None and cached.median_ms == first.median_ms
@@ -201,3 +201,38 @@ def test_measure_fresh_times_the_file_past_the_cache(retrained, tmp_path: Path) 
     record = tmp_path / "export_latency.json"
     evaluator.measure_fresh(path, latency_file=record)
     assert '"measurement"' in record.read_text()
+
+
+def test_measure_fresh_of_a_predict_only_plan_is_the_prediction_with_its_error(retrained, tmp_path: Path) -> None:
+    """No device to time on: the predictor's figure, marked predicted, with its error; the host timing
+    it needs is taken now too, and the cache is not written."""
+    import torch
+    from test_pipeline import TinySpace
+
+    from hwnas.evaluators.measure.features import feature_row, onnx_features
+    from hwnas.evaluators.measure.predictor import LatencyPredictor
+    from hwnas.evaluators.measure.predictor_cli import host_target
+    from hwnas.evaluators.onnx_export import export_onnx
+
+    host = host_target("fast")
+    rows, device_ms = [], []
+    for i, (width, block) in enumerate([(w, b) for w in (4, 8, 16) for b in ("plain", "separable")]):
+        net = TinySpace().build({"width": width, "block": block}, (1, 12, 12), 4).eval()
+        path = export_onnx(net, torch.zeros(1, 1, 12, 12), tmp_path / f"{i}.onnx", opset=17)
+        host_ms = host.measure(path).median_ms
+        rows.append(feature_row(onnx_features(path), host_ms))
+        device_ms.append(3.0 * host_ms + 0.01)  # a made-up device: no second one exists here
+    predictor = LatencyPredictor.fit(rows, device_ms, device_id="synthetic-device", space="tiny",
+                                     context={"host_protocol": "fast"}).save(tmp_path / "device.json")
+    cache_path = tmp_path / "latency.sqlite"
+    plan = LatencyPlan(LatencyTarget(name="cpu-test", provider="cpu"), predictor=str(predictor), cache=str(cache_path))
+    assert not plan.uses_device
+    path = retrained["fp32"][1] / "model.onnx"
+    fresh = make_evaluator(latency=plan).measure_fresh(path)
+    assert fresh["source"] == "predicted" and fresh["device_id"] == "synthetic-device" and fresh["median_ms"] > 0
+    error = fresh["prediction_error"]
+    assert set(error) == {"low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range"}
+    assert error["low_ms"] <= fresh["median_ms"] <= error["high_ms"] and error["n_fit"] == 6
+    assert not cache_path.exists() or LatencyCache(str(cache_path)).get(
+        file_sha256(path), fingerprint_id(host.fingerprint()), host.protocol().key()) is None
+    assert not (path.parent / LATENCY_FILE).exists()
