@@ -42,6 +42,7 @@ def run(overrides: Sequence[str] = ()) -> SweepResult:
         raise TypeError("overrides: a list of strings such as ['search=nsga2', 'n_trials=40'], not one string")
     cfg = compose(list(overrides))
     built = prepare(cfg)
+    built.overrides = list(overrides)
     status = run_sweep(built)
     if status == 130:
         raise KeyboardInterrupt

@@ -363,12 +363,14 @@ def load_rows(run_dir: Path) -> list[dict[str, Any]]:
     """trials.jsonl rows with `pareto` set from pareto.csv (the log is appended before the front is known)."""
     import pandas as pd
 
-    from hwnas.search.trial_log import TrialLog
+    from hwnas.search.trial_log import TrialLog, artifact_path
 
     rows = TrialLog(run_dir).rows()
     pareto_numbers = set(pd.read_csv(run_dir / "pareto.csv")["number"].tolist())
     for r in rows:
         r["pareto"] = r["number"] in pareto_numbers
+        if r.get("artifact"):
+            r["artifact"] = str(artifact_path(run_dir, r))  # the record keeps it relative to the run folder
     return rows
 
 

@@ -40,7 +40,14 @@ def run_search(run_dir: Path, trials: int, overrides: Sequence[str], cwd: Path,
 
 
 def trial_rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines() if x.strip()]
+    """The sweep's records, each trial's file as a path a benchmark can open (records keep it relative)."""
+    from hwnas.search.trial_log import artifact_path
+
+    rows = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines() if x.strip()]
+    for row in rows:
+        if row.get("artifact"):
+            row["artifact"] = str(artifact_path(run_dir, row))
+    return rows
 
 
 def machine() -> dict[str, Any]:

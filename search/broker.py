@@ -129,6 +129,8 @@ class Broker:
         flight = self._in_flight.get(number)
         if flight is not None and self.recorder is not None:
             self.recorder.started(number, flight.candidate)
+            for key, value in self.recorder.user_attrs(number, flight.candidate).items():
+                flight.trial.set_user_attr(key, value)  # optuna-dashboard: the trial's run, device, data
 
     def finished(self, number: int, metrics: Mapping[str, float], artifact: str | None = None, node: str | None = None) -> None:
         """The evaluator's numbers: recorded (trials.jsonl, then MLflow), then told to Optuna."""

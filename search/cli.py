@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         built = prepare(cfg)
+        built.overrides = args
     except ConfigError as exc:
         return _fail("hwnas", str(exc))
     from hwnas.search.experiment import run_sweep
@@ -88,21 +89,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """Re-select and re-export from a finished run without retraining: `hwnas-export run_dir=... [objective.*|select.*]`."""
+    """Re-select and re-export from a finished run: `hwnas-export run_dir=... [objective.*|select=...] [final.epochs=N]`.
+    Without final.epochs nothing is trained: the chosen trial's measured file is exported."""
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_warnings()
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     rest = [a for a in args if not a.startswith("run_dir=")]
     if len(run_dirs) != 1 or not run_dirs[0].strip():
-        return _fail("hwnas-export", "run_dir: missing; usage: hwnas-export run_dir=PATH [objective.latency_budget_ms=X] [select=knee]")
+        return _fail("hwnas-export", "run_dir: missing; usage: hwnas-export run_dir=PATH [objective.latency_budget_ms=X] [select=knee] [final.epochs=N]")
     run_dir = Path(run_dirs[0])
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return _fail("hwnas-export", f"run_dir: {str(run_dir)!r} has no config.yaml; allowed: the run_dir of a finished sweep")
     for a in rest:
         key = a.lstrip("+").split("=", 1)[0]
-        if not (key.startswith("objective.") or key.startswith("select") or key.startswith("tracking.") or key == "plugins"):
-            return _fail("hwnas-export", f"{key}: cannot change at export; allowed: objective.*, select=..., tracking.*, plugins=[...]")
+        if not (key.startswith("objective.") or key.startswith("select") or key.startswith("tracking.") or key == "plugins"
+                or key == FINAL_EPOCHS):
+            return _fail("hwnas-export", f"{key}: cannot change at export; allowed: objective.*, select=..., tracking.*, "
+                         f"plugins=[...], {FINAL_EPOCHS}=N")
+    finals = [a.split("=", 1)[1] for a in rest if a.lstrip("+").split("=", 1)[0] == FINAL_EPOCHS]
+    rest = [a for a in rest if a.lstrip("+").split("=", 1)[0] != FINAL_EPOCHS]
+    try:
+        final_epochs = _final_epochs(finals[-1]) if finals else None
+    except ConfigError as exc:
+        return _fail("hwnas-export", str(exc))
     try:
         base = _load_config(saved, _plugins_arg(rest))
         overrides = [a for a in rest if not a.startswith("select=")]
@@ -116,6 +126,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                 cfg.select = OmegaConf.load(CONF_DIR / "select" / f"{choice}.yaml")
         cfg.run_dir = str(run_dir)
         cfg.resume = False
+        if "cache" in cfg.hardware:
+            # The export measures afresh; the sweep's cache may lie outside a moved or copied folder.
+            cfg.hardware.cache = None
         validate(cfg)
         from hwnas.search.experiment import build_experiment
 
@@ -129,7 +142,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
     from hwnas.evaluators.onnx_check import OnnxFileError
-    from hwnas.search.export import ExportError, finalize
+    from hwnas.search.export import ExportError, ExportRequest, finalize
+    from hwnas.search.mlflow_model import ModelFileError
+    from hwnas.search.sweep_state import STATE_FILE, SweepState
     from hwnas.search.trial_log import TrialLog
 
     rows = TrialLog(run_dir).rows()
@@ -142,13 +157,32 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))
     tracking = _saved_tracking(cfg, run_dir)
+    command = SweepState.load(run_dir).command if (run_dir / STATE_FILE).is_file() else []
+    request = ExportRequest(final_epochs=final_epochs, sweep_command=[str(c) for c in command],
+                            export_args=[a for a in args if not a.startswith("run_dir=")])
     try:
-        print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking))
-    except (ExportError, OnnxFileError) as exc:  # not the file measured, or not a checked ONNX model: one line
+        print(finalize(run_dir, cfg, built.objectives, rows, built.sweep.evaluator, tracking, request))
+    except (ExportError, OnnxFileError, ModelFileError) as exc:  # not the file measured, or not a checked model: one line
         return _fail("hwnas-export", str(exc))
     if tracking is not None:
         tracking.flush(force=True)
     return 0
+
+
+FINAL_EPOCHS = "final.epochs"
+MAX_FINAL_EPOCHS = 10000
+
+
+def _final_epochs(text: str) -> int:
+    """`final.epochs=N` of hwnas-export: retrain the chosen candidate on train+val for N epochs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= MAX_FINAL_EPOCHS or str(value) != text.strip():
+        raise ConfigError(f"{FINAL_EPOCHS}: {text!r} is not allowed; allowed: an integer 1..{MAX_FINAL_EPOCHS} "
+                          "(leave it out to export the measured file)")
+    return value
 
 
 def _private_cache() -> Path:

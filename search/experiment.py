@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from hwnas.evaluators.measure.base import target_config
 from hwnas.search.broker import Broker
 from hwnas.search.config import ConfigError
-from hwnas.search.export import DATA_FILE, finalize, prepare_export, write_tables
+from hwnas.search.export import DATA_FILE, ExportRequest, finalize, prepare_export, write_tables
 from hwnas.search.objectives import Objectives
 from hwnas.search.progress import Progress
 from hwnas.search.recorder import Recorder
@@ -43,6 +43,7 @@ class Built:
     objectives: Objectives
     data: dict[str, Any] | None = None  # the data's summary once prepared (launch.prepare_data)
     hardware: dict[str, Any] | None = None  # the latency target's device, protocol, cache, predictor (hardware.json)
+    overrides: list[str] | None = None  # the command line's overrides (the model card's command to make it again)
 
 
 def _build(group: str, node: DictConfig, **kwargs: Any) -> Any:
@@ -247,6 +248,17 @@ def data_params(data: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def dataset_input(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The data as an MLflow dataset input (tracking.op_log_dataset): its summary with a short name;
+    the fingerprint is the digest, the split sizes the profile."""
+    if data is None:
+        return None
+    summary = {k: v for k, v in data.items() if k != "cache"}
+    source = data.get("path") or data.get("module")
+    summary["name"] = f"{data['kind']}:{Path(str(source)).name}" if data.get("path") else str(source or data["kind"])
+    return summary
+
+
 def hardware_params(hardware: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
     """The latency target's device and protocol as parent-run params and tags (hardware.json holds all)."""
     if hardware is None:
@@ -326,6 +338,7 @@ def run_sweep(built: Built) -> int:
     if cfg.resume:
         state.resumed_at.append(time.time())
     else:
+        state.command = list(built.overrides or [])
         (sweep.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if built.data is not None:
         (sweep.run_dir / DATA_FILE).write_text(json.dumps(built.data, indent=1))
@@ -344,16 +357,27 @@ def run_sweep(built: Built) -> int:
     row_fields = {}
     if built.hardware is not None:  # every trial row and child run says which device and protocol
         row_fields = {"device_id": built.hardware["device_id"], "latency_protocol": built.hardware["protocol_key"]}
+    dataset = dataset_input(built.data)
+    if tracking is not None and dataset is not None:
+        tracking.log_dataset(None, dataset)  # the runs table's Dataset column, on the parent run
+    from hwnas.search.report import ReportWriter
+
+    report = ReportWriter(sweep.run_dir, built.objectives, title=str(cfg.experiment_name))
+    if rows:
+        report.update(rows)  # resumed: the report shows what was there before the first new trial ends
     recorder = Recorder(
         sweep.run_dir, built.objectives, tracking, Progress(sweep.n_trials), {**sampler_tag, **row_fields},
         when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator), row_fields=row_fields,
+        on_trial_end=report.update, dataset=dataset,
     )
     broker = Broker(study, sweep.space, sweep.objectives, sweep.n_trials, recorder)
     status = "FAILED"
     try:
         built.runner.run(sweep, broker)
         recorder.close()
-        summary = finalize(sweep.run_dir, cfg, built.objectives, TrialLog(sweep.run_dir).rows(), sweep.evaluator, tracking)
+        report.close(write=False)  # the final report is written by finalize, with the export's card
+        summary = finalize(sweep.run_dir, cfg, built.objectives, TrialLog(sweep.run_dir).rows(), sweep.evaluator, tracking,
+                           ExportRequest(sweep_command=state.command))
         status = "FINISHED"
         print(summary)
         return 0
@@ -364,8 +388,9 @@ def run_sweep(built: Built) -> int:
     finally:
         if status != "FINISHED":
             recorder.close()
-            # Never lose what finished: the tables are written even when the sweep did not end well.
+            # Never lose what finished: the tables (and the report) are written even when the sweep did not end well.
             write_tables(sweep.run_dir, built.objectives, TrialLog(sweep.run_dir).rows())
+            report.close()
         if tracking is not None:
             tracking.close(status)
             if tracking.offline:

@@ -17,9 +17,10 @@ import numpy as np
 
 from hwnas.evaluators.measure.cache import file_sha256
 from hwnas.search.objectives import Objectives
-from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.pareto import hypervolume, nadir_reference, non_dominated_mask
 from hwnas.search.progress import Progress
-from hwnas.search.trial_log import COMPLETE, FAILED, TrialLog
+from hwnas.search.trial_log import COMPLETE, FAILED, TrialLog, artifact_path, relative_artifact
+from hwnas.search.units import display_metrics, format_ms
 from hwnas.spaces.candidate import arch_id, net_id
 
 if TYPE_CHECKING:  # MLflow is imported by the driver while Ray starts (cli), not on import
@@ -36,10 +37,17 @@ class Recorder:
         tags: Mapping[str, str],
         when_no_trial_left_to_start: Callable[[], None] | None = None,
         row_fields: Mapping[str, str] | None = None,
+        on_trial_end: Callable[[list[dict[str, Any]]], None] | None = None,
+        dataset: Mapping[str, Any] | None = None,
     ) -> None:
         """`row_fields`: what every trial row carries besides its own numbers, e.g. the latency
-        target's device id and protocol key (one per sweep: a pool of agents is one device)."""
+        target's device id and protocol key (one per sweep: a pool of agents is one device).
+        `on_trial_end(rows)`: told after each trial is recorded (the report is regenerated from it).
+        `dataset`: the MLflow dataset input every child run gets (name, fingerprint, splits)."""
+        self.run_dir = Path(run_dir)
         self.log = TrialLog(run_dir)
+        self.on_trial_end = on_trial_end
+        self.dataset = dict(dataset) if dataset else None
         self.row_fields = dict(row_fields or {})
         self.objectives = objectives
         self.tracking = tracking
@@ -70,6 +78,19 @@ class Recorder:
         self.running[number] = time.time()
         if self.tracking is not None:
             self.tracking.trial_started(number, candidate, {**self.tags, "arch_id": arch_id(candidate), "status": "RUNNING"})
+            if self.dataset is not None:
+                self.tracking.log_dataset(number, self.dataset)
+
+    def user_attrs(self, number: int, candidate: Mapping[str, Any]) -> dict[str, str]:
+        """What the Optuna trial carries so that optuna-dashboard links it to the rest: its MLflow run,
+        the device and protocol its latency was measured with, the data, its folder."""
+        attrs = {"arch_id": arch_id(candidate), "trial_dir": f"trials/{number:04d}", **self.row_fields}
+        if self.dataset is not None:
+            attrs["data_fingerprint"] = str(self.dataset.get("fingerprint"))
+        run_id = self.tracking.trial_run_id(number) if self.tracking is not None else None
+        if run_id:
+            attrs["mlflow_run_id"] = run_id
+        return attrs
 
     def finished(
         self,
@@ -80,7 +101,10 @@ class Recorder:
         node: str | None,
     ) -> None:
         row = self._row(number, candidate, COMPLETE, node)
-        row.update(metrics=dict(metrics), feasible=self.objectives.is_feasible(metrics), artifact=artifact)
+        # The record names the file relative to the run folder (the folder can be moved); its hash is
+        # taken now, so the export can tell the measured file from anything put there later.
+        row.update(metrics=dict(metrics), feasible=self.objectives.is_feasible(metrics),
+                   artifact=relative_artifact(self.run_dir, artifact))
         if artifact:
             row["artifact_sha256"] = file_sha256(artifact)
         self._end(row)
@@ -135,7 +159,11 @@ class Recorder:
             if row["error"]:
                 tags["error"] = row["error"][:5000]
             status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
-            self.tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
+            file = artifact_path(self.run_dir, row)
+            self.tracking.trial_ended(number, row["candidate"], display_metrics(row["metrics"]), tags,
+                                      str(file) if file else None, status)
+        if self.on_trial_end is not None:
+            self.on_trial_end(list(self.rows))
 
     @staticmethod
     def _run_quietly(work: Callable[[], None]) -> None:
@@ -149,12 +177,17 @@ class Recorder:
         if not ok:
             return 0, "-"
         points = self.objectives.matrix([r["metrics"] for r in ok])
-        front = int(non_dominated_mask(points, list(self.objectives.modes)).sum())
+        modes = list(self.objectives.modes)
+        front = int(non_dominated_mask(points, modes).sum())
         primary, mode = self.objectives.names[0], self.objectives.modes[0]
         best_i = int(np.argmax(points[:, 0]) if mode == "max" else np.argmin(points[:, 0]))
-        best = f"{primary}={points[best_i, 0]:.4g}"
+        best = f"{primary} {points[best_i, 0]:.4g}"
         if len(self.objectives.names) > 1:
-            best += f" ({self.objectives.names[1]}={points[best_i, 1]:.4g})"
+            second = self.objectives.names[1]
+            value = format_ms(points[best_i, 1]) if second.endswith("_ms") else f"{points[best_i, 1]:.4g}"
+            best += f" at {value}"
+            # Hypervolume against the nadir of the feasible trials (the report states the same reference).
+            best += f" | HV {hypervolume(points, modes, nadir_reference(points, modes)):.4g}"
         return front, best
 
     def snapshot(self) -> tuple[int, int, int, int, str]:

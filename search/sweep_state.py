@@ -23,6 +23,7 @@ class SweepState:
     parent_run_id: str | None
     created_at: float = field(default_factory=time.time)
     resumed_at: list[float] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)  # the sweep's overrides: the model card's way to make it again
 
     @classmethod
     def load(cls, run_dir: Path) -> SweepState:

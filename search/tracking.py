@@ -433,6 +433,10 @@ class Tracking:
         return self.pending_path.exists() and self.pending_path.stat().st_size > 0
 
     # --- what the sweep calls ---
+    def trial_run_id(self, number: int) -> str | None:
+        """The trial's child run, when this process created or found it (None while MLflow is away)."""
+        return self.store._child.get(number)
+
     def trial_started(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self._open.add(number)
         self._do("op_trial_started", parent=self.parent_id, number=number, params=dict(params), tags=dict(tags))

@@ -169,8 +169,9 @@ def check_finished_sweep(run_dir: Path, uri: str | None, *, kind: str, shape: li
         assert params["data.norm_std"] == ",".join(f"{v:.6g}" for v in norm["std"])
 
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
-    assert card["data"]["classes"] == classes and card["data"]["fingerprint"] == data["fingerprint"]
-    assert card["data"]["input_shape"] == shape and card["data"]["normalization"] == norm
+    assert card["labels"] == classes and card["dataset"]["fingerprint"] == data["fingerprint"]
+    assert card["input"]["shape"][1:] == shape
+    assert {k: card["preprocessing"][k] for k in ("scale", "mean", "std")} == {k: norm[k] for k in ("scale", "mean", "std")}
     dims = onnx_input_dims(run_dir / "export" / "model.onnx")
     assert dims[1:] == shape, dims  # N×C×R×R: the batch dimension may be symbolic
     assert dims[0] == 1 or isinstance(dims[0], str), dims
@@ -207,8 +208,9 @@ def test_image_folder_sweep_with_ray_and_mlflow(tmp_path: Path) -> None:
     proc = hwnas_export(f"run_dir={run_dir}", f"tracking.uri={uri}")
     assert proc.returncode == 0, output_of(proc)
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
-    assert card["trial"] == before["trial"] and card["val_accuracy"] == before["val_accuracy"]
-    assert card["data"]["fingerprint"] == data["fingerprint"] and card["data"]["classes"] == IMAGE_CLASSES
+    assert card["candidate"]["trial"] == before["candidate"]["trial"]
+    assert card["metrics"]["val_accuracy"] == before["metrics"]["val_accuracy"]
+    assert card["dataset"]["fingerprint"] == data["fingerprint"] and card["labels"] == IMAGE_CLASSES
     assert onnx_input_dims(run_dir / "export" / "model.onnx")[1:] == [3, 24, 24]
 
 

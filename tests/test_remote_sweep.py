@@ -117,7 +117,7 @@ def test_an_agent_killed_mid_sweep_fails_its_trials_and_keeps_the_finished_ones(
     for r in failed:  # the reason names the agent; nothing was taken from another device
         assert agent.url.split("//")[1] in r["error"] and "latency_ms" not in r["metrics"], r["error"]
     for r in done:  # what finished before the kill is kept, with its file and its measurement
-        assert Path(r["artifact"]).is_file() and r["metrics"]["latency_runs"] > 0
+        assert (run_dir / r["artifact"]).is_file() and r["metrics"]["latency_runs"] > 0
     trials = pd.read_csv(run_dir / "trials.csv")
     assert sorted(trials["status"]) == sorted(r["status"] for r in rows)
 

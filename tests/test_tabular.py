@@ -109,7 +109,7 @@ def test_cli_sweep_runs_to_completion(tmp_path: Path) -> None:
     pareto = pd.read_csv(run_dir / "pareto.csv")
     assert sorted(pareto["number"]) == sorted(front["number"])
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
-    assert card["trial"] in set(pareto["number"]) and "model_file" not in card  # a table has no model file
+    assert card["candidate"]["trial"] in set(pareto["number"]) and "files" not in card  # a table has no model file
     assert not (run_dir / "export" / "model.onnx").exists()
 
 
