@@ -226,7 +226,7 @@ def _build_export(
     final: dict[str, Any] = {"ran": False}
     if request.final_epochs:
         seed = evaluator.trial_seed(row["candidate"])
-        print(f"[hwnas-export] final training: trial {row['number']} from scratch on train+val, "
+        print(f"[hwnas] export: final training of trial {row['number']} from scratch on train+val, "
               f"{request.final_epochs} epochs (seed {seed}) ...", flush=True)
         started = time.perf_counter()
         result = evaluator.retrain(row["candidate"], staging / "work", request.final_epochs)
@@ -249,7 +249,10 @@ def _build_export(
     from hwnas.search.mlflow_model import save_mlflow_model
 
     example = evaluator.data.sample("val", 4, int(cfg.seed))
-    files = save_mlflow_model(source, staging / "model", metadata=metadata, example=example)
+    target = getattr(getattr(evaluator, "latency", None), "target", None)
+    on_cuda = getattr(target, "provider", "cpu") == "cuda"  # the device it was measured on
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_cuda else ["CPUExecutionProvider"]
+    files = save_mlflow_model(source, staging / "model", metadata=metadata, example=example, execution_providers=providers)
     model = staging / "model" / files["model_file"]
     val = evaluator.evaluate_file(str(model), "val")
     if not final["ran"] and val != row["metrics"]["val_accuracy"]:
@@ -261,7 +264,7 @@ def _build_export(
         float_val, float_test = val, test  # the file is its own float twin
     else:  # a run from before twins were kept: the trial's figure, no test figure
         float_val, float_test = trained.get("float_val_accuracy"), None
-    print(f"[hwnas-export] re-measuring {model.name} on {hardware.get('device_id', 'the target')} ...", flush=True)
+    print(f"[hwnas] export: re-measuring {model.name} on {hardware.get('device_id', 'the target')} ...", flush=True)
     fresh = evaluator.measure_fresh(model)
     metrics = {
         "val_accuracy": val, "test_accuracy": test, "float_val_accuracy": float_val, "float_test_accuracy": float_test,

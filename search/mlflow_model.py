@@ -113,9 +113,12 @@ def save_mlflow_model(
     metadata: Mapping[str, str],
     example: np.ndarray,
     pip_requirements: list[str] | None = None,
+    execution_providers: list[str] | None = None,
 ) -> dict[str, str]:
     """Write `out_dir` (must not exist) as an MLflow ONNX model of `source` with `metadata` in both the
-    ONNX metadata_props and the MLmodel; ModelFileError when the written graph is not the source's."""
+    ONNX metadata_props and the MLmodel; ModelFileError when the written graph is not the source's.
+    `execution_providers`: what the pyfunc flavour opens the model with (MLflow's default tries CUDA
+    first and warns on every CPU load); the sweep's target provider, with the CPU as the fallback."""
     import mlflow.onnx
     import onnx
 
@@ -145,6 +148,7 @@ def save_mlflow_model(
         pip_requirements=list(pip_requirements) if pip_requirements is not None else default_pip_requirements(),
         metadata=dict(metadata),
         save_as_external_data=False,
+        **({"onnx_execution_providers": list(execution_providers)} if execution_providers else {}),
     )
 
     written_path = out_dir / MODEL_FILE

@@ -99,7 +99,7 @@ def markdown(card: Mapping[str, Any]) -> str:
         "|---|---|---|",
         f"| exported file ({cand['compression']['quant']}) | {_pct(m.get('val_accuracy'))} | {_pct(m.get('test_accuracy'))} |",
     ]
-    if cand["compression"]["quant"] != "fp32" or m.get("float_test_accuracy") is not None:
+    if cand["compression"]["quant"] != "fp32":
         lines.append(f"| float twin (fp32, same weights) | {_pct(m.get('float_val_accuracy'))} | {_pct(m.get('float_test_accuracy'))} |")
     if final["ran"]:
         lines += ["", f"Final training ran: {final['epochs']} epochs from scratch on {final['trained_on']} "

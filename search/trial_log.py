@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from hwnas.search.units import display_metrics, display_name
+from hwnas.search.units import TIME_PREFIX, display_metrics, display_name
 
 TRIALS_JSONL = "trials.jsonl"
 COMPLETE, FAILED = "COMPLETE", "FAILED"
@@ -69,6 +69,12 @@ def artifact_path(run_dir: Path, row: dict[str, Any]) -> Path | None:
     return p if p.is_absolute() else Path(run_dir) / p
 
 
+# Metrics that count things (the evaluator reports every metric as a float): integers in trials.csv.
+INTEGER_METRICS = frozenset({
+    "model_bytes", "params", "macs", "latency_rounds", "latency_runs", "latency_pred_n", "latency_cached",
+    "latency_predicted", "latency_prescreened", "latency_disturbed",
+})
+
 # Per-sweep fields every row carries (search/experiment.py): the latency target's device and protocol.
 ROW_FIELDS = ("device_id", "latency_protocol")
 
@@ -101,13 +107,15 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
     frame = pd.DataFrame(flat)
     params = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
     metrics = list(dict.fromkeys(display_name(k) for r in rows for k in (r.get("metrics") or {})))
-    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, *params, *metrics,
-             *ROW_FIELDS, "node", "error", "artifact"]
+    times = [m for m in metrics if m.startswith(TIME_PREFIX)]  # step times after the results
+    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, *params,
+             *[m for m in metrics if m not in times], *times, *ROW_FIELDS, "node", "error", "artifact"]
     frame = frame[[c for c in dict.fromkeys(order) if c in frame.columns]]
     # Parameters that are integers (widths, depths) stay integers where a trial lacks them (NaN otherwise
     # turns the column into floats).
     for col in frame.columns:
         raw = [item[col] for item in flat if item.get(col) is not None]
-        if raw and all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        counts = col in INTEGER_METRICS and all(isinstance(v, (int, float)) and float(v).is_integer() for v in raw)
+        if raw and (counts or all(isinstance(v, int) and not isinstance(v, bool) for v in raw)):
             frame[col] = frame[col].astype("Int64")
     return frame
