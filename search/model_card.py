@@ -121,6 +121,8 @@ def markdown(card: Mapping[str, Any]) -> str:
         f"{device.get('logical_cores', '-')} logical cores, ONNX Runtime {device.get('onnxruntime', '-')}; "
         f"protocol `{lat.get('protocol_key')}`: {lat.get('protocol_text', '-')}.",
     ]
+    if export_lat.get("error"):
+        lines.append(f"Not re-measured at export: {export_lat['error']} (`hwnas-export` measures again once the device answers).")
     if export_lat.get("prediction_error"):
         lines.append(f"Predicted, not measured: the predictor's error is {export_lat['prediction_error']}.")
     lines += [

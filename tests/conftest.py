@@ -75,7 +75,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def mlflow_runs(uri: str, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an MLflow experiment."""
+    """(parent runs, trial runs) of an MLflow experiment; the export's own run (a child too, tagged
+    hwnas.role=export) is in neither list: `export_runs` finds it."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -83,7 +84,17 @@ def mlflow_runs(uri: str, experiment: str) -> tuple[list, list]:
     assert exp is not None, f"no MLflow experiment {experiment!r} at {uri}"
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("hwnas.role") != "export"]
+
+
+def export_runs(uri: str, experiment: str) -> list:
+    """The export runs of an MLflow experiment (children of their sweep's parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} at {uri}"
+    return client.search_runs([exp.experiment_id], filter_string="tags.`hwnas.role` = 'export'")
 
 
 def copy_run(run_dir: Path, to: Path) -> Path:

@@ -28,7 +28,7 @@ def test_run_returns_the_sweeps_trials_front_and_export(tmp_path: Path) -> None:
     # a table sweep exports a card but no model file
     assert result.export_dir == run_dir / "export"
     card = json.loads((result.export_dir / "model_card.json").read_text())
-    assert card["trial"] in set(result.front["number"])
+    assert card["candidate"]["trial"] in set(result.front["number"])
 
 
 def test_bad_input_raises_the_commands_one_line_error_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

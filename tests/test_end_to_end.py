@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import copy_run, hwnas, hwnas_export, mlflow_runs, output_of, read_jsonl
+from conftest import copy_run, export_runs, hwnas, hwnas_export, mlflow_runs, output_of, read_jsonl
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -70,8 +70,31 @@ def test_six_trials_recorded_everywhere(sweep: tuple[Path, str, subprocess.Compl
     assert list(trials.columns[:8]) == ["number", "status", "arch_id", "net_id", "feasible", "pareto", "val_accuracy", "latency_ms"]
     assert not [c for c in trials.columns if c.startswith("config")]
     assert trials["n_stages"].dtype.kind == "i" and (trials["n_stages"] >= 1).all()
+    # Step times are times, counts are integers, the file is named relative to the run folder.
+    assert "time/train_s" in trials.columns and "train_s" not in trials.columns
+    assert all(c.startswith("time/") for c in trials.columns[list(trials.columns).index("time/train_s"):]
+               if c not in ("device_id", "latency_protocol", "node", "error", "artifact"))
+    assert trials["model_bytes"].dtype.kind == "i" and trials["params"].dtype.kind == "i"
+    assert trials["artifact"].str.startswith("trials/").all()
+    for c in children:
+        assert "time/train_s" in c.data.metrics and "train_s" not in c.data.metrics
+        # The data as an MLflow dataset input (the runs table's Dataset column), digest = its fingerprint.
+        (d,) = [i.dataset for i in c.inputs.dataset_inputs]
+        assert d.digest == parents[0].data.tags["data_fingerprint"]
     study = optuna.load_study(study_name=None, storage=journal_storage(run_dir))
     assert study.metric_names == ["val_accuracy", "latency_ms"]  # optuna-dashboard names the objectives
+    # Each Optuna trial says which MLflow run, device and data it belongs to.
+    runs_by_number = {int(c.data.tags["trial"]): c.info.run_id for c in children}
+    evaluated = [t for t in study.trials if "mlflow_run_id" in t.user_attrs]
+    assert len(evaluated) == N_SMOKE
+    for t in evaluated:  # the broker's trial number is Optuna's
+        row = trials[trials["number"] == t.number].iloc[0]
+        assert runs_by_number[t.number] == t.user_attrs["mlflow_run_id"] and t.user_attrs["arch_id"] == row["arch_id"]
+        assert t.user_attrs["device_id"] == row["device_id"] and t.user_attrs["data_fingerprint"]
+    # The export: a run of its own under the sweep, its logged model registered.
+    (export,) = export_runs(uri, "hwnas-smoke")
+    assert export.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and export.info.status == "FINISHED"
+    assert [o.model_id for o in export.outputs.model_outputs]
 
 
 def test_pareto_csv_is_non_dominated(sweep: tuple[Path, str, subprocess.CompletedProcess[str]]) -> None:
@@ -169,6 +192,7 @@ def test_export_refuses_a_trial_file_changed_since_it_was_measured(
     proc = hwnas_export(f"run_dir={copy}", "tracking.enabled=false")
     assert proc.returncode == 0, output_of(proc)
     row = _assert_export_is_the_measured_file(copy)
+    exported = {p.name: p.read_bytes() for p in (copy / "export").iterdir()}
 
     artifact = copy / row["artifact"]
     data = bytearray(artifact.read_bytes())
@@ -181,9 +205,10 @@ def test_export_refuses_a_trial_file_changed_since_it_was_measured(
     assert "changed since it was measured" in errors[0] and str(artifact) in errors[0]
     assert row["artifact_sha256"] in errors[0]
     assert "Traceback" not in proc.stderr
-    # Nothing is left that claims to be the verified model: no model file, no card for it.
-    assert not (copy / "export" / "model.onnx").exists()
-    assert not (copy / "export" / "model_card.json").exists()
+    # The refused file is not exported: the export made from the untouched file stays as it was (nothing
+    # computed is lost), and nothing half-made is left beside it.
+    assert {p.name: p.read_bytes() for p in (copy / "export").iterdir()} == exported
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith(("export", ".export"))) == ["export"]
 
 
 @pytest.mark.slow

@@ -60,7 +60,10 @@ def test_a_sweep_on_ray_measures_through_a_pool_of_agents(tmp_path: Path, pool: 
     assert (trials["latency_runs"] > 0).all() and (trials["device_id"] == hardware["device_id"]).all()
     measured = [sum("POST /measure" in line and " 200" in line for line in a.log_text().splitlines()[n:])
                 for a, n in zip(pool, before, strict=True)]
-    assert sum(measured) == 4 and min(measured) >= 1, measured  # spread over the pool, every file once
+    # Spread over the pool, every trial's file once, and the exported file once more (re-measured at export).
+    assert sum(measured) == 5 and min(measured) >= 1, measured
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    assert card["latency"]["export"]["source"] == "measured" and card["latency"]["device_id"] == hardware["device_id"]
     parents, children = mlflow_runs(uri, "hwnas-smoke")
     assert parents[0].data.tags["latency_target"] == "remote" and parents[0].data.params["device.id"] == hardware["device_id"]
     assert all(c.data.tags["device_id"] == hardware["device_id"] for c in children)
@@ -120,6 +123,11 @@ def test_an_agent_killed_mid_sweep_fails_its_trials_and_keeps_the_finished_ones(
         assert (run_dir / r["artifact"]).is_file() and r["metrics"]["latency_runs"] > 0
     trials = pd.read_csv(run_dir / "trials.csv")
     assert sorted(trials["status"]) == sorted(r["status"] for r in rows)
+    # The export still happens with the device gone: the trial's figure, and the card says why there is no second.
+    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    assert agent.url.split("//")[1] in card["latency"]["export"]["error"], card["latency"]
+    assert card["metrics"]["latency_source"] == "trial (not re-measured)"
+    assert card["metrics"]["latency_ms"] == card["latency"]["trial"]["p50_ms"] and "not re-measured" in out
 
     # The pool may move (an agent restarted on another port): the run resumes there, on the same device.
     again = start_agent(token_file, log=tmp_path / "again.log")
