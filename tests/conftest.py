@@ -29,6 +29,7 @@ _ENTRY = {
     "hwnas": "import sys; from hwnas.search.cli import main; sys.exit(main())",
     "hwnas-export": "import sys; from hwnas.search.cli import export_main; sys.exit(export_main())",
     "hwnas-sync": "import sys; from hwnas.search.cli import sync_main; sys.exit(sync_main())",
+    "hwnas-report": "import sys; from hwnas.search.report import main; sys.exit(main())",
 }
 
 
