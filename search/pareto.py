@@ -35,7 +35,7 @@ def to_minimization(points: np.ndarray, directions: Sequence[str]) -> np.ndarray
     return pts * sign
 
 
-def _reference_to_minimization(reference: Sequence[float], directions: Sequence[str]) -> np.ndarray:
+def _reference_to_minimization(reference: Sequence[float] | np.ndarray, directions: Sequence[str]) -> np.ndarray:
     ref = np.asarray(reference, dtype=float)
     if ref.shape != (len(directions),) or not np.all(np.isfinite(ref)):
         raise ValueError(
@@ -164,7 +164,7 @@ def _inside(q: np.ndarray, ref: np.ndarray) -> np.ndarray:
         return np.all(np.isfinite(q), axis=1) & np.all(q < ref, axis=1)
 
 
-def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequence[float] | np.ndarray) -> float:
     """Exact volume dominated by `points` and bounded by `reference` (in the original units).
 
     Rows that are not finite or don't strictly dominate the reference contribute nothing.
@@ -176,7 +176,7 @@ def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequen
 
 
 def hypervolume_contributions(
-    points: np.ndarray, directions: Sequence[str], reference: Sequence[float]
+    points: np.ndarray, directions: Sequence[str], reference: Sequence[float] | np.ndarray
 ) -> np.ndarray:
     """Exclusive hypervolume of each row: what the set loses when that row alone is removed.
 
@@ -207,7 +207,7 @@ def hypervolume_contributions(
 
 
 def hypervolume_curve(
-    points_in_order: np.ndarray, directions: Sequence[str], reference: Sequence[float]
+    points_in_order: np.ndarray, directions: Sequence[str], reference: Sequence[float] | np.ndarray
 ) -> np.ndarray:
     """Hypervolume of the first k rows for k = 1..n, e.g. against the number of trials.
 

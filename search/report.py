@@ -121,8 +121,8 @@ def _clean(rows: Sequence[Any], objectives: Objectives) -> tuple[list[dict[str, 
         number = r.get("number")
         if not isinstance(number, int) or isinstance(number, bool):
             continue
-        metrics = r.get("metrics") if isinstance(r.get("metrics"), Mapping) else {}
-        candidate = r.get("candidate") if isinstance(r.get("candidate"), Mapping) else {}
+        metrics: Mapping[str, Any] = r["metrics"] if isinstance(r.get("metrics"), Mapping) else {}
+        candidate: Mapping[str, Any] = r["candidate"] if isinstance(r.get("candidate"), Mapping) else {}
         latest[number] = {
             "number": number,
             "status": str(r.get("status")),

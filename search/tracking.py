@@ -144,7 +144,7 @@ def _use_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        service.set_tracking_uri(before)
+        service.set_tracking_uri(before)  # type: ignore[arg-type]  # None: back to MLflow's default
         if env_before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
