@@ -79,7 +79,9 @@ def test_measurement_follows_the_protocol(models):
     m = measure_file(models["small"], "cpu", FAST, fingerprint=fp)
     assert (m.provider, m.intra_op_threads, m.input_shape, m.output_shape) == (
         "CPUExecutionProvider", 1, (1, 1, 8, 8), (1, 10))
-    assert m.n_blocks == 6 and m.n_runs == 6 * m.runs_per_block and 1 <= m.rounds <= 2
+    # At most max_rounds quiet rounds; rounds disturbed by other work (the rest of the suite beside this
+    # test) are repeated within quiet_wait_s and counted too, so only a lower bound holds on a busy machine.
+    assert m.n_blocks == 6 and m.n_runs == 6 * m.runs_per_block and m.rounds >= 1
     # k was calibrated so that a block lasts about block_s (0.5 ms); a 1-run block would mean no calibration.
     assert m.runs_per_block > 1 and m.runs_per_block * m.median_ms > 0.25 * FAST.block_s * 1000
     assert 0 < m.median_ms <= m.p90_ms <= m.p99_ms and m.mean_ms > 0 and m.std_ms >= 0
