@@ -462,10 +462,6 @@ class Tracking:
     def sweep_outputs(self, paths: list[Path], metrics: Mapping[str, float]) -> None:
         self._do("op_sweep_outputs", parent=self.parent_id, paths=[str(p) for p in paths], metrics=dict(metrics))
 
-    def register(self, artifact_subdir: str, tags: Mapping[str, str]) -> str | None:
-        """The model version, or None when the server is away (registration then waits on disk)."""
-        return self._do("op_register", parent=self.parent_id, artifact_subdir=artifact_subdir, tags=dict(tags))
-
     def log_export(
         self,
         export_dir: Path,
