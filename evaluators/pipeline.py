@@ -28,6 +28,7 @@ from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import FORMATS, net_id
+from hwnas.spaces.training import is_train_key, training_values
 
 if TYPE_CHECKING:
     from torch import nn
@@ -114,6 +115,7 @@ class _Made:
     macs: int
     torch_val_accuracy: float
     data_load_s: float
+    train_steps: int = 0  # optimizer steps of the training (fine-tuning not counted)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -130,6 +132,7 @@ class _Made:
             "prune_ratio": prune_ratio,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "train_steps": self.train_steps,
         }
 
 
@@ -237,13 +240,30 @@ class PipelineEvaluator:
 
     def trial_seed(self, candidate: dict[str, Any]) -> int:
         """Seed of one evaluation: from the run seed and the architecture, so every compression of one
-        network starts from the same trained weights and re-evaluating a candidate repeats it exactly."""
-        return (self.seed * 1_000_003 + int(net_id(candidate), 16)) % (2**31 - 1)
+        network starts from the same trained weights and re-evaluating a candidate repeats it exactly.
+        The `train.*` knobs are left out too: candidates trained differently start from the same initial
+        weights (common random numbers), so what differs between them is the training (net_id keeps
+        them apart, as their trained weights differ)."""
+        net = {k: v for k, v in candidate.items() if not is_train_key(k)}
+        return (self.seed * 1_000_003 + int(net_id(net), 16)) % (2**31 - 1)
+
+    def training_settings(self, candidate: dict[str, Any]) -> dict[str, Any]:
+        """How the candidate is trained: its `train.*` values (spaces/training.py) over this evaluator's
+        defaults: epochs, lr, optimizer, weight_decay, momentum (SGD), label_smoothing and batch_size
+        (None: the data's own). One-line ValueError on a bad `train.*` value."""
+        from hwnas.evaluators.training_options import DEFAULT_MOMENTUM
+
+        defaults = {
+            "epochs": self.epochs, "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+            "momentum": DEFAULT_MOMENTUM, "label_smoothing": 0.0, "batch_size": None,
+        }
+        return {**defaults, **training_values(candidate)}
 
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
         checked between steps and after every training batch."""
         prune_ratio, fmt = self._compression(candidate)
+        self.training_settings(candidate)  # a bad train.* value fails the trial before any work
         with self._running(deadline):
             return self._evaluate(candidate, Path(trial_dir), prune_ratio, fmt)
 
@@ -260,6 +280,7 @@ class PipelineEvaluator:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs: {epochs!r} is not allowed; allowed: an int >= 1")
         prune_ratio, fmt = self._compression(candidate)
+        self.training_settings(candidate)  # the candidate's train.* values, checked; epochs stays the argument
         out_dir = Path(out_dir)
         with self._running(deadline):
             start = time.perf_counter()
@@ -282,6 +303,7 @@ class PipelineEvaluator:
             "split": FINAL_SPLIT,
             "train_items": int(sizes.get("train", 0)) + int(sizes.get("val", 0)),
             "epochs": epochs,
+            "training": {**self.training_settings(candidate), "epochs": epochs},
             "finetune_epochs": self.finetune_epochs if prune_ratio > 0 else 0,
             "float_artifact": str(made.twin) if made.twin is not None else None,
             "opset": self.opset,
@@ -314,7 +336,8 @@ class PipelineEvaluator:
         # scheduling, bookkeeping) are what is left of the wall time, not work a trial did unclocked.
         start = time.perf_counter()
         metrics: dict[str, float] = {}
-        made = self._make_files(candidate, trial_dir, prune_ratio, fmt, metrics, split="train", epochs=self.epochs)
+        epochs = self.training_settings(candidate)["epochs"]  # train.epochs over evaluator.epochs
+        made = self._make_files(candidate, trial_dir, prune_ratio, fmt, metrics, split="train", epochs=epochs)
         artifact = made.artifact
         with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
             x_val, y_val = self.data.arrays("val")
@@ -353,6 +376,7 @@ class PipelineEvaluator:
             "latency_source": stats.source,
             "device_id": stats.device_id,
             "latency_runs": stats.n_runs,
+            "training": self.training_settings(candidate),
             "opset": self.opset,
             "torch_threads": self.torch_threads,
         }
@@ -391,7 +415,8 @@ class PipelineEvaluator:
             model = self.space.build(candidate, input_shape, num_classes)
         # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
         with _timed(metrics, "train"), self._deadline_only("train"):
-            model = self._fit(model, epochs, seed, split)
+            steps: list[int] = []
+            model = self._fit(model, epochs, seed, split, candidate, steps)
         # Skipped steps report 0 s so that every trial has the same metric columns.
         metrics["prune_s"] = metrics["finetune_s"] = 0.0
         if prune_ratio > 0:
@@ -399,7 +424,7 @@ class PipelineEvaluator:
                 model = prune(model, prune_ratio, example)
             if self.finetune_epochs > 0:
                 with _timed(metrics, "finetune"), self._deadline_only("finetune"):
-                    model = self._fit(model, self.finetune_epochs, seed + 1, split)
+                    model = self._fit(model, self.finetune_epochs, seed + 1, split, candidate)
         with _timed(metrics, "profile"), self._computing():
             model = model.cpu().eval()
             params, macs = count_params_macs(model, example)
@@ -422,7 +447,7 @@ class PipelineEvaluator:
         return _Made(
             artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
             num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
-            data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before,
+            data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before, train_steps=sum(steps),
         )
 
     # -- helpers --------------------------------------------------------------------------------
@@ -481,16 +506,26 @@ class PipelineEvaluator:
         finally:
             torch.set_num_threads(previous)
 
-    def _fit(self, model: nn.Module, epochs: int, seed: int, split: str = "train") -> nn.Module:
+    def _fit(
+        self, model: nn.Module, epochs: int, seed: int, split: str = "train", candidate: dict[str, Any] | None = None,
+        steps: list[int] | None = None,
+    ) -> nn.Module:
+        """Train for `epochs` with the candidate's training settings (training_settings) but its epochs;
+        the optimizer steps taken are appended to `steps` when given."""
         from hwnas.evaluators.train import fit
 
+        settings = self.training_settings(candidate or {})
         return fit(
             model,
             self.data,
             epochs=epochs,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
+            lr=settings["lr"],
+            optimizer=settings["optimizer"],
+            weight_decay=settings["weight_decay"],
+            label_smoothing=settings["label_smoothing"],
+            momentum=settings["momentum"],
+            batch_size=settings["batch_size"],
+            steps=steps,
             accelerator=self.accelerator,
             seed=seed,
             deadline=self._deadline,

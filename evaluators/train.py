@@ -12,18 +12,20 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from hwnas.evaluators.data import DataRecipe
 from hwnas.evaluators.data.base import FIT_SPLITS
-from hwnas.evaluators.training_options import check_accelerator
+from hwnas.evaluators.training_options import DEFAULT_MOMENTUM, check_accelerator
 
 
 class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of a wrapped network; cosine LR schedule over `epochs`."""
+    """Cross-entropy training of a wrapped network (with `label_smoothing`); cosine LR schedule over
+    `epochs`; SGD is Nesterov with `momentum`."""
 
     def __init__(
-        self, model: nn.Module, *, lr: float, optimizer: str, weight_decay: float, epochs: int
+        self, model: nn.Module, *, lr: float, optimizer: str, weight_decay: float, epochs: int,
+        label_smoothing: float = 0.0, momentum: float = DEFAULT_MOMENTUM,
     ) -> None:
         super().__init__()
         # The settings were checked once, by PipelineEvaluator's constructor, before any trial.
@@ -32,13 +34,15 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer_name = optimizer
         self.weight_decay = weight_decay
         self.epochs = epochs
+        self.label_smoothing = label_smoothing
+        self.momentum = momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
         # Fail loudly: a diverged candidate must be recorded as failed, not scored on garbage weights.
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} in epoch {self.current_epoch}")
@@ -52,7 +56,8 @@ class ClassifierModule(pl.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.SGD(
-                params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, nesterov=True
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                nesterov=self.momentum > 0,
             )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
@@ -61,25 +66,43 @@ class ClassifierModule(pl.LightningModule):
 class SplitsDataModule(pl.LightningDataModule):
     """The Lightning face of a dataset's fixed splits (`evaluators.data.DataRecipe`); `seed` orders and
     augments the training batches (the trial's seed, so a re-evaluated candidate sees the same batches).
-    `split`: what it trains on, "train" in a sweep, "trainval" (train + val) in final training."""
+    `split`: what it trains on, "train" in a sweep, "trainval" (train + val) in final training.
+    `batch_size`: the training batches' size over the data's own (a candidate's `train.batch_size`)."""
 
-    def __init__(self, data: DataRecipe, seed: int, split: str = "train") -> None:
+    def __init__(self, data: DataRecipe, seed: int, split: str = "train", batch_size: int | None = None) -> None:
         super().__init__()
         self.data = data
         self.seed = seed
         self.split = split
+        self.batch_size = batch_size
 
     def setup(self, stage: str | None = None) -> None:
         self.data.setup()  # idempotent: opens the memory-mapped cache once per process
 
     def train_dataloader(self) -> DataLoader:
-        return self.data.loader(self.split, shuffle=True, seed=self.seed)
+        loader = self.data.loader(self.split, shuffle=True, seed=self.seed)
+        return loader if self.batch_size is None else rebatched(loader, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self.data.loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.data.loader("test", shuffle=False)
+
+
+def rebatched(loader: DataLoader, batch_size: int) -> DataLoader:
+    """The same items in the same (seeded) order, in batches of `batch_size`: a recipe's loader (a
+    BatchSampler as its sampler, whole batches read at once) or a plain batching DataLoader."""
+    if isinstance(loader.sampler, BatchSampler) and loader.batch_size is None:  # evaluators/data/recipe.py
+        sampler = BatchSampler(loader.sampler.sampler, batch_size, drop_last=loader.sampler.drop_last)
+        return DataLoader(loader.dataset, sampler=sampler, batch_size=None, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn)
+    if isinstance(loader.batch_sampler, BatchSampler):
+        sampler = BatchSampler(loader.batch_sampler.sampler, batch_size, drop_last=loader.batch_sampler.drop_last)
+        return DataLoader(loader.dataset, batch_sampler=sampler, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn)
+    raise ValueError(f"train.batch_size: the data's loader ({type(loader.sampler).__name__}) cannot be rebatched; "
+                     "allowed: a DataLoader batching with a BatchSampler")
 
 
 class _Deadline(pl.Callback):
@@ -141,9 +164,16 @@ def fit(
     deadline: float | None = None,
     compute_slot: bool = True,
     split: str = "train",
+    label_smoothing: float = 0.0,
+    momentum: float = DEFAULT_MOMENTUM,
+    batch_size: int | None = None,
+    steps: list[int] | None = None,
 ) -> nn.Module:
     """Train `model` in place for `epochs` on the data's `split` ("train", or "trainval" for final
     training); return it on CPU in eval mode.
+    label_smoothing, momentum (SGD only): the loss's and optimizer's; batch_size: training batches of
+    that size instead of the data's own (None). steps: when a list, the optimizer steps taken are
+    appended to it (Lightning's trainer.global_step), for callers that report them.
     compute_slot: hold the node's compute slot per batch (ComputeSlot); False where no latency is timed
     on this node (remote or predicted targets)."""
     check_accelerator(accelerator)
@@ -151,7 +181,8 @@ def fit(
         raise ValueError(f"split={split!r} is not a training split; allowed: {', '.join(FIT_SPLITS)}")
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = ClassifierModule(model, lr=lr, optimizer=optimizer, weight_decay=weight_decay, epochs=epochs)
+    module = ClassifierModule(model, lr=lr, optimizer=optimizer, weight_decay=weight_decay, epochs=epochs,
+                              label_smoothing=label_smoothing, momentum=momentum)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="gpu" if accelerator == "cuda" else accelerator,
@@ -173,5 +204,7 @@ def fit(
         # No validation loop (ClassifierModule has no validation_step, so Lightning skips the data
         # module's val loader and says so): accuracy is measured on the exported file with ONNX Runtime.
         warnings.filterwarnings("ignore", message=".*no `validation_step`.*")
-        trainer.fit(module, datamodule=SplitsDataModule(data, seed, split))
+        trainer.fit(module, datamodule=SplitsDataModule(data, seed, split, batch_size))
+    if steps is not None:
+        steps.append(int(trainer.global_step))
     return module.model.cpu().eval()

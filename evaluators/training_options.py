@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
+DEFAULT_MOMENTUM = 0.9  # SGD's (Nesterov) when neither the evaluator nor the candidate says otherwise
 ACCELERATORS = ("cpu", "cuda", "auto")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 
 from hwnas.spaces.candidate import COMPRESSION_KEYS, FORMATS, arch_id
+from hwnas.spaces.training import from_config, is_train_key
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,7 +95,8 @@ class MacroCNNSpace:
     """Stages of `depth` identical blocks; the first block of each stage has stride 2.
 
     Parameters: `n_stages`, `stage{i}.depth|width|kernel|block` for the active stages only,
-    then `prune_ratio` and `quant` (read by the evaluator, ignored by `build`).
+    then `prune_ratio` and `quant`, then the `train.*` knobs of the optional `train:` block
+    (spaces/training.py); the evaluator reads the last three groups, `build` ignores them.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class MacroCNNSpace:
         stem_stride: int,
         prune_ratios: list[float],
         quant: list[str],
+        train: Mapping[str, Any] | None = None,
     ) -> None:
         self.n_stages = int_choices("n_stages", n_stages, 1, MAX_STAGES)
         self.depths = int_choices("depths", depths, 1)
@@ -128,6 +131,7 @@ class MacroCNNSpace:
         self.stem_stride = stem_stride
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
+        self.train = from_config(train)
         # Expansion is folded into the block name so that every stage has the same four parameters.
         self.block_choices: list[str] = []
         for block in self.blocks:
@@ -166,7 +170,8 @@ class MacroCNNSpace:
         }
 
     def decisions(self) -> dict[str, list[Any]]:
-        """Every parameter the space can ever sample -> its choices (copies)."""
+        """Every architecture and compression parameter the space can ever sample -> its choices (copies);
+        the `train.*` knobs (ranges as well as lists) are `self.train`'s."""
         out: dict[str, list[Any]] = {"n_stages": list(self.n_stages)}
         for i in range(1, max(self.n_stages) + 1):
             for field, choices in self.stage_choices().items():
@@ -182,12 +187,14 @@ class MacroCNNSpace:
                 candidate[f"stage{i}.{field}"] = trial.suggest_categorical(f"stage{i}.{field}", choices)
         candidate["prune_ratio"] = trial.suggest_categorical("prune_ratio", self.prune_ratios)
         candidate["quant"] = trial.suggest_categorical("quant", self.quant)
+        candidate.update(self.train.suggest(trial))
         return candidate
 
     def candidate_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Validate `params` (e.g. trial.params) and return the canonical candidate."""
         wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(params)), "prune_ratio", "quant"]
-        return check_params(params, self.decisions(), wanted)
+        net = {k: v for k, v in params.items() if not is_train_key(k)}
+        return {**check_params(net, self.decisions(), wanted), **self.train.check(params)}
 
     def random_architectures(self, n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
         """`n` distinct architectures (by name) drawn uniformly per decision with a seeded numpy RNG,
@@ -202,7 +209,8 @@ class MacroCNNSpace:
             for key in self.stage_keys(params["n_stages"]):
                 choices = decisions[key]
                 params[key] = choices[int(rng.integers(len(choices)))]
-            candidate = self.candidate_from_params({**params, "prune_ratio": 0.0, "quant": "fp32"})
+            wanted = ["n_stages", *self.stage_keys(params["n_stages"]), "prune_ratio", "quant"]
+            candidate = check_params({**params, "prune_ratio": 0.0, "quant": "fp32"}, decisions, wanted)
             out.setdefault(self.name(candidate), candidate)
         return list(out.items())
 
@@ -225,8 +233,8 @@ class MacroCNNSpace:
         )
 
     def architecture(self, candidate: Mapping[str, Any]) -> dict[str, Any]:
-        """The validated architecture keys of `candidate`; compression keys may be present or not."""
-        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS}
+        """The validated architecture keys of `candidate`; compression and `train.*` keys may be present or not."""
+        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS and not is_train_key(k)}
         wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(arch))]
         return check_params(arch, self.decisions(), wanted)
 
