@@ -15,6 +15,7 @@ from hwnas.spaces.macro_cnn import (
     prune_ratio_choices,
     quant_choices,
 )
+from hwnas.spaces.training import from_config, is_train_key
 
 if TYPE_CHECKING:
     from torch import nn
@@ -122,9 +123,14 @@ class NB201Space:
 
     `prune_ratio` and `quant` are sampled only when their lists hold more than one value; otherwise
     they are left out of the candidate and the evaluator uses its defaults (no pruning, fp32).
+    The optional `train:` block adds the `train.*` knobs (spaces/training.py) for evaluators that train
+    (the pipeline); a table look-up has no training to change.
     """
 
-    def __init__(self, ops: list[str], C: int, N: int, prune_ratios: list[float], quant: list[str]) -> None:
+    def __init__(
+        self, ops: list[str], C: int, N: int, prune_ratios: list[float], quant: list[str],
+        train: Mapping[str, Any] | None = None,
+    ) -> None:
         self.ops = choice_list("ops", ops)
         for op in self.ops:
             if op not in OPS:
@@ -133,9 +139,11 @@ class NB201Space:
         self.N = positive_int("N", N)
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
+        self.train = from_config(train)
 
     def decisions(self) -> dict[str, list[Any]]:
-        """Every parameter the space can ever sample -> its choices (copies)."""
+        """Every edge and compression parameter the space can ever sample -> its choices (copies); the
+        `train.*` knobs are `self.train`'s."""
         out: dict[str, list[Any]] = {key: list(self.ops) for key in EDGE_KEYS}
         if len(self.prune_ratios) > 1:
             out["prune_ratio"] = list(self.prune_ratios)
@@ -144,11 +152,14 @@ class NB201Space:
         return out
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
-        return {key: trial.suggest_categorical(key, choices) for key, choices in self.decisions().items()}
+        candidate = {key: trial.suggest_categorical(key, choices) for key, choices in self.decisions().items()}
+        candidate.update(self.train.suggest(trial))
+        return candidate
 
     def candidate_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         decisions = self.decisions()
-        return check_params(params, decisions, list(decisions))
+        cell = check_params({k: v for k, v in params.items() if not is_train_key(k)}, decisions, list(decisions))
+        return {**cell, **self.train.check(params)}
 
     def name(self, candidate: Mapping[str, Any]) -> str:
         """The cell's NAS-Bench-201 arch string (compression keys left out)."""
@@ -157,7 +168,7 @@ class NB201Space:
     def build(
         self, candidate: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int
     ) -> nn.Module:
-        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS}
+        arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS and not is_train_key(k)}
         cell = check_params(arch, {key: list(self.ops) for key in EDGE_KEYS}, list(EDGE_KEYS))
         channels, height, width = (positive_int(f"input_shape[{i}]", v) for i, v in enumerate(input_shape))
         positive_int("num_classes", num_classes)

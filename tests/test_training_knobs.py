@@ -342,3 +342,27 @@ def test_compress_all_records_the_knobs_and_resumes_with_them(tmp_path: Path) ->
         assert set(TRAIN_KEYS) <= set(c.data.params)
         assert float(c.data.params["train.lr"]) == pytest.approx(row["candidate"]["train.lr"])
         assert c.data.params["train.optimizer"] == row["candidate"]["train.optimizer"]
+
+
+def test_nb201_space_takes_the_knobs_too() -> None:
+    from hwnas.spaces.nb201 import NB201Space
+
+    conf = yaml.safe_load((CONF / "space" / "nb201.yaml").read_text())
+    conf.pop("_target_")
+    assert conf["train"] is None
+    space = NB201Space(**{**conf, "train": {"lr": [0.01, 0.1], "optimizer": ["sgd", "adam"], "momentum": [0.9]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        candidate = space.suggest(trial)
+        assert candidate == trial.params and space.candidate_from_params(trial.params) == candidate
+        assert {"train.lr", "train.optimizer"} <= set(candidate)
+        assert ("train.momentum" in candidate) == (candidate["train.optimizer"] == "sgd")
+        study.tell(trial, 0.0)
+    cell = {k: v for k, v in candidate.items() if not k.startswith("train.")}
+    assert space.name(candidate) == space.name(cell)
+    # build ignores the knobs: the same network, parameter for parameter
+    built, plain = space.build(candidate, (3, 8, 8), 10), space.build(cell, (3, 8, 8), 10)
+    assert [tuple(p.shape) for p in built.parameters()] == [tuple(p.shape) for p in plain.parameters()]
+    with pytest.raises(ValueError, match=r"^space\.train\.lr: 0 is not allowed"):
+        NB201Space(**{**conf, "train": {"lr": [0, 0.1]}})
