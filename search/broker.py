@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from hwnas.search.constraints import set_constraints
 from hwnas.search.objectives import Objectives
 from hwnas.search.runners.limits import error_text
-from hwnas.search.study_record import DUPLICATE
+from hwnas.search.study_record import DUPLICATE, WARM_START
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import arch_id
 
@@ -88,10 +88,12 @@ class Broker:
         self._streak = 0
         self._in_flight: dict[int, _Flight] = {}
         self._arches_in_flight: Counter[str] = Counter()
-        # A (resumed) study's completed trials answer repeats too.
+        # A (resumed) study's completed trials answer repeats too; an earlier sweep's (warm_start) do not:
+        # their latency was measured elsewhere, so a repeat of one is evaluated here.
         self._outcomes: dict[str, Outcome] = {
             arch_id(t.params): Outcome.of(t.values, t.constraints)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if WARM_START not in t.user_attrs
         }
 
     # --- what a runner calls ---

@@ -348,6 +348,7 @@ def run_sweep(built: Built) -> int:
     sweep.study_name = state.study_name
     rows = TrialLog(sweep.run_dir).rows()
     study = sweep.create_study()  # once: the broker's, brought in line with trials.jsonl first when resumed
+    sweep.warm_start(study, cfg)  # warm_start=RUN_DIR: a new study begins with an earlier sweep's trials
     if cfg.resume:
         retried = reconcile_study(study, rows, built.objectives)
         if tracking is not None:

@@ -1,7 +1,7 @@
 """Which Optuna trials are real evaluations, and how a resumed study is brought in line with trials.jsonl.
 
 Besides evaluations, a study holds trials that only feed the sampler: duplicates answered from
-the record (COMPLETE, user attr DUPLICATE) and trials whose driver died mid-evaluation (FAIL,
+the record (COMPLETE, user attr DUPLICATE), an earlier sweep's trials (COMPLETE, user attr WARM_START) and trials whose driver died mid-evaluation (FAIL,
 user attr INTERRUPTED, their candidate queued again). Counting evaluations excludes both.
 """
 
@@ -19,13 +19,15 @@ from hwnas.search.trial_log import COMPLETE
 
 DUPLICATE = "hwnas:duplicate_of"
 INTERRUPTED = "hwnas:interrupted"
+# A trial added from an earlier sweep (warm_start=RUN_DIR, search/warm_start.py): its value is the run folder.
+WARM_START = "warm_start"
 
 
 def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        if DUPLICATE not in t.user_attrs and INTERRUPTED not in t.user_attrs
+        if DUPLICATE not in t.user_attrs and INTERRUPTED not in t.user_attrs and WARM_START not in t.user_attrs
     ]
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from omegaconf import DictConfig
 
 from hwnas.evaluators.base import Evaluator
 from hwnas.search.objectives import Objectives
@@ -41,3 +42,10 @@ class Sweep:
                 warnings.simplefilter("ignore")  # experimental in Optuna 5
                 study.set_metric_names(list(self.objectives.names))
         return study
+
+    def warm_start(self, study: optuna.Study, cfg: DictConfig) -> int:
+        """`warm_start=RUN_DIR`: a new study begins with that earlier sweep's finished trials, which feed the
+        sampler and count as no evaluation (search/warm_start.py); nothing for a resumed one. Returns how many."""
+        from hwnas.search.warm_start import seed_study
+
+        return seed_study(study, cfg.get("warm_start"), self.space, self.objectives, tuple(cfg.get("plugins") or ()))
