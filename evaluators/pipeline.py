@@ -79,6 +79,8 @@ METRIC_NAMES = frozenset(
         "macs",
         "total_s",
         "data_load_s",
+        "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
+        "init_skipped_tensors",
         *(f"{step}_s" for step in STEPS),
     }
 )
@@ -97,6 +99,8 @@ RETRAIN_METRIC_NAMES = frozenset(
         "macs",
         "total_s",
         "data_load_s",
+        "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
+        "init_skipped_tensors",
         *(f"{step}_s" for step in STEPS if step != "latency"),
     }
 )
@@ -180,6 +184,8 @@ class PipelineEvaluator:
         calibration_samples: int,
         opset: int,
         torch_threads: int,
+        init_from: str | None = None,
+        init_strict: bool = False,
     ) -> None:
         # Every setting is checked here, once, before any trial (ClassifierModule trusts them).
         if epochs < 1:
@@ -213,6 +219,13 @@ class PipelineEvaluator:
         self.calibration_samples = calibration_samples
         self.opset = opset
         self.torch_threads = torch_threads
+        # evaluator.init_from: pretrained weights every candidate starts from (evaluators/init_weights.py)
+        from hwnas.evaluators.init_weights import check_init_file
+
+        if not isinstance(init_strict, bool):
+            raise ValueError(f"evaluator.init_strict: {init_strict!r} is not allowed; allowed: true, false")
+        self.init_from = check_init_file(init_from)
+        self.init_strict = init_strict
         self._deadline: float | None = None
 
     # -- public API -----------------------------------------------------------------------------
@@ -413,6 +426,10 @@ class PipelineEvaluator:
         with _timed(metrics, "build"), self._computing():
             pl.seed_everything(seed, verbose=False)
             model = self.space.build(candidate, input_shape, num_classes)
+            if self.init_from is not None:  # pretrained weights where they fit (init_weights.py)
+                from hwnas.evaluators.init_weights import load_init
+
+                metrics.update(load_init(model, self.init_from, strict=self.init_strict))
         # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
         with _timed(metrics, "train"), self._deadline_only("train"):
             steps: list[int] = []
