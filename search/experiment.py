@@ -198,7 +198,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
         now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         differ = sorted(
             k for k in set(saved) | set(now)
-            if saved.get(k, "<absent>") != now.get(k, "<absent>") and not k.startswith(RESUMABLE_PREFIXES)
+            if not _same_setting(saved, now, k) and not k.startswith(RESUMABLE_PREFIXES)
         )
         if differ:
             raise ConfigError(
@@ -209,6 +209,19 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run_dir: {str(run_dir)!r} already holds files; allowed: a new or empty folder, or resume=true")
     return run_dir
+
+
+ABSENT = object()
+
+
+def _same_setting(saved: dict[str, Any], now: dict[str, Any], key: str) -> bool:
+    """Equal values, or a key the saved run predates whose value now is its off default (null, false, empty):
+    a run folder made before a knob existed resumes with that knob off."""
+    a, b = saved.get(key, ABSENT), now.get(key, ABSENT)
+    if a is ABSENT or b is ABSENT:
+        other = b if a is ABSENT else a
+        return other is None or other is False or other == [] or other == {}
+    return bool(a == b)
 
 
 def _pin_fingerprint(cfg: DictConfig, saved: DictConfig) -> None:

@@ -239,9 +239,10 @@ def test_the_default_sweep_end_to_end(tmp_path: Path) -> None:
     assert sorted(front["number"]) == sorted(expected)
 
     card = json.loads((run_dir / "export" / "model_card.json").read_text())
-    assert card["trial"] in set(front["number"])
-    row = _assert_export_is_the_measured_file(run_dir)  # exists, and its sha256 is the recorded artifact's
-    assert file_sha256(run_dir / "export" / "model.onnx") == row["artifact_sha256"]
+    assert card["candidate"]["trial"] in set(front["number"])
+    # exists, and is the recorded artifact with metadata added (same graph; sha256 of the measured file recorded)
+    row = _assert_export_is_the_measured_file(run_dir)
+    assert card["files"]["measured_sha256"] == row["artifact_sha256"]
 
     parents, children = mlflow_runs(uri, "hwnas-default")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
