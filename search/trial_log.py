@@ -72,7 +72,7 @@ def artifact_path(run_dir: Path, row: dict[str, Any]) -> Path | None:
 # Metrics that count things (the evaluator reports every metric as a float): integers in trials.csv.
 INTEGER_METRICS = frozenset({
     "model_bytes", "params", "macs", "latency_rounds", "latency_runs", "latency_pred_n", "latency_cached",
-    "latency_predicted", "latency_prescreened", "latency_disturbed",
+    "latency_predicted", "latency_prescreened", "latency_disturbed", "init_loaded_tensors", "init_skipped_tensors",
 })
 
 # Per-sweep fields every row carries (search/experiment.py): the latency target's device and protocol.
