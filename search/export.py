@@ -300,6 +300,9 @@ def _build_export(
         "dataset": {"kind": data.get("kind"), "fingerprint": data.get("fingerprint"), "splits": data.get("splits"),
                     "path": data.get("path")},
         "final_training": final,
+        # How it was trained: the candidate's train.* knobs over the evaluator's defaults (epochs: the trial's;
+        # final training's are in final_training).
+        "training": evaluator.training_settings(row["candidate"]) if hasattr(evaluator, "training_settings") else None,
         "files": {"model": files["model_file"], "sha256": files["sha256"], "measured_sha256": row.get("artifact_sha256"),
                   "graph_sha256": files["graph_sha256"], "source_sha256": files["source_sha256"]},
     }

@@ -131,6 +131,8 @@ def markdown(card: Mapping[str, Any]) -> str:
         f"- file {_count(m.get('model_bytes'))} bytes, {_count(m.get('params'))} parameters, {_count(m.get('macs'))} MACs",
         f"- compression: prune ratio {cand['compression']['prune_ratio']}, format {cand['compression']['quant']} "
         f"({cand['compression'].get('computes') or 'as named'})",
+        *(["- training: " + ", ".join(f"{k} {v}" for k, v in card["training"].items() if v is not None)]
+          if card.get("training") else []),
         "",
         "## Provenance",
         f"- data `{card['dataset'].get('kind')}` fingerprint `{card['dataset'].get('fingerprint')}`, splits "

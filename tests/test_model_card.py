@@ -99,6 +99,7 @@ def test_every_card_field_matches_its_source(sweep: tuple[Path, str, subprocess.
     assert card["files"]["sha256"] == file_sha256(export / "model.onnx")
     assert card["files"]["measured_sha256"] == row["artifact_sha256"] == file_sha256(run_dir / row["artifact"])
     assert card["final_training"] == {"ran": False}
+    assert card["training"]["epochs"] == 2 and card["training"]["optimizer"] == "adam"  # evaluator.epochs=2, the default optimizer
     assert card["registered_model"]["name"] == "hwnas-smoke" and card["registered_model"]["version"] == "1"
     sweep_cmd = shlex.split(card["reproduce"]["sweep"])
     assert sweep_cmd[0] == "hwnas" and set(OVERRIDES) <= set(sweep_cmd) and "run_dir=NEW_FOLDER" in sweep_cmd

@@ -183,3 +183,24 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, .
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+def test_cached_candidates_with_training_knobs_fit_the_latency_space() -> None:
+    """Rows of a sweep that searched train.* knobs: the knobs change weights, not the graph, so they are dropped."""
+    import optuna
+
+    from hwnas.evaluators.measure.predictor_cli import UsageError, candidates_of
+    from hwnas.spaces.macro_cnn import MacroCNNSpace
+
+    space = MacroCNNSpace(n_stages=[2], depths=[1], widths=[8], kernels=[3], blocks=["conv"], expansions=[1],
+                          stem_width=8, stem_stride=2, prune_ratios=[0.0], quant=["fp32"])
+    candidate = space.suggest(optuna.trial.FixedTrial({"n_stages": 2, "prune_ratio": 0.0, "quant": "fp32",
+                                                       "stage1.depth": 1, "stage1.width": 8, "stage1.kernel": 3,
+                                                       "stage1.block": "conv", "stage2.depth": 1, "stage2.width": 8,
+                                                       "stage2.kernel": 3, "stage2.block": "conv"}))
+    frame = pd.DataFrame({"candidate": [json.dumps({**candidate, "train.lr": 0.01, "train.optimizer": "sgd"})]})
+    try:
+        (name, parsed), = candidates_of(frame, "macro_cnn", "cache.csv")
+    except UsageError as exc:  # a space the default config cannot hold: the test's candidate, not the rule, is wrong
+        pytest.fail(str(exc))
+    assert not any(k.startswith("train.") for k in parsed) and parsed["stage1.width"] == 8

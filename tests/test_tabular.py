@@ -48,6 +48,13 @@ def test_missing_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_training_knobs_with_a_table_are_refused(tmp_path: Path) -> None:
+    make_table(tmp_path / "t.csv")
+    knobs = NB201Space(ops=OPS, C=4, N=1, prune_ratios=[0.0], quant=["fp32"], train={"lr": [0.01, 0.1]})
+    with pytest.raises(ValueError, match=r"^space\.train: .*allowed: space\.train=null with evaluator=tabular$"):
+        TabularEvaluator(str(tmp_path / "t.csv"), "arch", knobs)
+
+
 def test_unknown_suffix_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("arch,acc\n")
     with pytest.raises(ValueError, match=r"suffix '\.txt'.*allowed: \.csv"):

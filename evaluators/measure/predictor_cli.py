@@ -128,6 +128,8 @@ def candidates_of(frame: pd.DataFrame, space: str, source: str) -> list[tuple[st
                     raise ValueError(f"candidate {row['candidate'][:60]!r} is not JSON") from None
                 if not isinstance(candidate, dict):
                     raise ValueError("candidate is not a JSON object")
+                # Training knobs (train.*) change the weights, not the graph the latency is a property of.
+                candidate = {k: v for k, v in candidate.items() if not str(k).startswith("train.")}
                 candidate = {"prune_ratio": 0.0, "quant": "fp32", **candidate}
             else:
                 if not isinstance(row.get("arch"), str):
