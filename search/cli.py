@@ -28,7 +28,8 @@ USAGE = """usage: hwnas [override ...]     e.g. hwnas search=nsga2 n_trials=40 r
        hwnas --config-dir DIR [override ...]   also read your own config files from DIR (e.g. DIR/experiment/mine.yaml)
 config groups (pick one with group=choice):
 {groups}
-top-level keys: experiment_name, n_trials, seed, run_dir, resume, plugins; any key of a group as group.key=value
+top-level keys: experiment_name, n_trials, seed, run_dir, resume, plugins, warm_start=RUN_DIR (seed the sampler
+  with an earlier sweep's trials); any key of a group as group.key=value
 plugins=[mylab]: trust _target_s under the module mylab (hwnas' own classes need none)"""
 
 
