@@ -43,7 +43,7 @@ FLOAT_ARTIFACT_NAME = "model_fp32.onnx"
 FINAL_SPLIT = "trainval"  # final training fits on train + val
 # What a predicted latency carries about its error (LatencyPlan._predict), for the export's card.
 PREDICTION_ERROR_KEYS = ("low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range")
-STEPS = ("data", "build", "train", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
+STEPS = ("data", "build", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
 EVAL_SPLITS = ("val", "test")
 METRIC_NAMES = frozenset(
     {
@@ -81,6 +81,7 @@ METRIC_NAMES = frozenset(
         "data_load_s",
         "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
         "init_skipped_tensors",
+        "lowrank_layers",  # a space with the rank knob on (stage<k>.rank_ratio): layers factorized
         *(f"{step}_s" for step in STEPS),
     }
 )
@@ -101,6 +102,7 @@ RETRAIN_METRIC_NAMES = frozenset(
         "data_load_s",
         "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
         "init_skipped_tensors",
+        "lowrank_layers",
         *(f"{step}_s" for step in STEPS if step != "latency"),
     }
 )
@@ -120,6 +122,7 @@ class _Made:
     torch_val_accuracy: float
     data_load_s: float
     train_steps: int = 0  # optimizer steps of the training (fine-tuning not counted)
+    factorized: int = 0  # layers factorized by the rank knob (evaluators/lowrank.py)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -317,7 +320,7 @@ class PipelineEvaluator:
             "train_items": int(sizes.get("train", 0)) + int(sizes.get("val", 0)),
             "epochs": epochs,
             "training": {**self.training_settings(candidate), "epochs": epochs},
-            "finetune_epochs": self.finetune_epochs if prune_ratio > 0 else 0,
+            "finetune_epochs": self.finetune_epochs if prune_ratio > 0 or made.factorized else 0,
             "float_artifact": str(made.twin) if made.twin is not None else None,
             "opset": self.opset,
             "torch_threads": self.torch_threads,
@@ -435,13 +438,23 @@ class PipelineEvaluator:
             steps: list[int] = []
             model = self._fit(model, epochs, seed, split, candidate, steps)
         # Skipped steps report 0 s so that every trial has the same metric columns.
-        metrics["prune_s"] = metrics["finetune_s"] = 0.0
+        metrics["prune_s"] = metrics["finetune_s"] = metrics["factorize_s"] = 0.0
+        # Low-rank factorization of the trained layers (the space's stage<k>.rank_ratio), before pruning:
+        # pruning then also thins the rank of each factorized pair; one fine-tuning recovers from both.
+        ranks = getattr(self.space, "low_rank", lambda _c: {})(candidate)
+        factorized = 0
+        if ranks:
+            with _timed(metrics, "factorize"), check("factorize"):
+                from hwnas.evaluators.lowrank import factorize
+
+                model, factorized = factorize(model, ranks)
+            metrics["lowrank_layers"] = float(factorized)
         if prune_ratio > 0:
             with _timed(metrics, "prune"), check("prune"):
                 model = prune(model, prune_ratio, example)
-            if self.finetune_epochs > 0:
-                with _timed(metrics, "finetune"), self._deadline_only("finetune"):
-                    model = self._fit(model, self.finetune_epochs, seed + 1, split, candidate)
+        if (prune_ratio > 0 or factorized) and self.finetune_epochs > 0:
+            with _timed(metrics, "finetune"), self._deadline_only("finetune"):
+                model = self._fit(model, self.finetune_epochs, seed + 1, split, candidate)
         with _timed(metrics, "profile"), self._computing():
             model = model.cpu().eval()
             params, macs = count_params_macs(model, example)
@@ -465,6 +478,7 @@ class PipelineEvaluator:
             artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
             num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
             data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before, train_steps=sum(steps),
+            factorized=factorized,
         )
 
     # -- helpers --------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 BLOCK_KINDS = ("conv", "dwsep", "ir")
 MAX_STAGES = 6
 STAGE_FIELDS = ("depth", "width", "kernel", "block")
+# Per-stage low-rank factorization (evaluators/lowrank.py): `stage<k>.rank_ratio`, a compression knob
+# applied to the trained network, sampled only when space.rank_ratios is not [1.0].
+RANK_FIELD = "rank_ratio"
+
+
+def is_rank_key(key: str) -> bool:
+    return key.startswith("stage") and key.endswith("." + RANK_FIELD)
 
 
 # ---- constructor checks (shared with the other spaces) ----
@@ -60,6 +67,16 @@ def prune_ratio_choices(values: Any) -> list[float]:
             raise ValueError(f"space.prune_ratios: {item!r} is not a number; allowed: 0 <= ratio < 1")
         if not 0 <= item < 1:
             raise ValueError(f"space.prune_ratios: {item} is out of range; allowed: 0 <= ratio < 1")
+    return [float(item) for item in items]
+
+
+def rank_ratio_choices(values: Any) -> list[float]:
+    items = choice_list("rank_ratios", values)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"space.rank_ratios: {item!r} is not a number; allowed: 0 < ratio <= 1 (1.0: not factorized)")
+        if not 0 < item <= 1:
+            raise ValueError(f"space.rank_ratios: {item} is out of range; allowed: 0 < ratio <= 1 (1.0: not factorized)")
     return [float(item) for item in items]
 
 
@@ -112,6 +129,7 @@ class MacroCNNSpace:
         prune_ratios: list[float],
         quant: list[str],
         train: Mapping[str, Any] | None = None,
+        rank_ratios: list[float] | None = None,
     ) -> None:
         self.n_stages = int_choices("n_stages", n_stages, 1, MAX_STAGES)
         self.depths = int_choices("depths", depths, 1)
@@ -132,6 +150,7 @@ class MacroCNNSpace:
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
         self.train = from_config(train)
+        self.rank_ratios = rank_ratio_choices([1.0] if rank_ratios is None else rank_ratios)
         # Expansion is folded into the block name so that every stage has the same four parameters.
         self.block_choices: list[str] = []
         for block in self.blocks:
@@ -178,6 +197,8 @@ class MacroCNNSpace:
                 out[f"stage{i}.{field}"] = list(choices)
         out["prune_ratio"] = list(self.prune_ratios)
         out["quant"] = list(self.quant)
+        for key in self.rank_keys(max(self.n_stages)):
+            out[key] = list(self.rank_ratios)
         return out
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
@@ -187,12 +208,15 @@ class MacroCNNSpace:
                 candidate[f"stage{i}.{field}"] = trial.suggest_categorical(f"stage{i}.{field}", choices)
         candidate["prune_ratio"] = trial.suggest_categorical("prune_ratio", self.prune_ratios)
         candidate["quant"] = trial.suggest_categorical("quant", self.quant)
+        for key in self.rank_keys(candidate["n_stages"]):
+            candidate[key] = trial.suggest_categorical(key, self.rank_ratios)
         candidate.update(self.train.suggest(trial))
         return candidate
 
     def candidate_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Validate `params` (e.g. trial.params) and return the canonical candidate."""
-        wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(params)), "prune_ratio", "quant"]
+        n_stages = self.checked_n_stages(params)
+        wanted = ["n_stages", *self.stage_keys(n_stages), "prune_ratio", "quant", *self.rank_keys(n_stages)]
         net = {k: v for k, v in params.items() if not is_train_key(k)}
         return {**check_params(net, self.decisions(), wanted), **self.train.check(params)}
 
@@ -219,6 +243,22 @@ class MacroCNNSpace:
             raise ValueError("candidate key 'n_stages' is missing; required: n_stages")
         return check_params({"n_stages": params["n_stages"]}, self.decisions(), ["n_stages"])["n_stages"]
 
+    def rank_keys(self, n_stages: int) -> list[str]:
+        """`stage<k>.rank_ratio` of the active stages; none while the knob is off (rank_ratios [1.0])."""
+        if self.rank_ratios == [1.0]:
+            return []
+        return [f"stage{i}.{RANK_FIELD}" for i in range(1, n_stages + 1)]
+
+    def low_rank(self, candidate: Mapping[str, Any]) -> dict[str, float]:
+        """Module path in `build`'s network -> the rank ratio of its stage (stage k is child `k`; the stem
+        and the classifier are never factorized), for the stages the candidate holds a ratio for."""
+        out: dict[str, float] = {}
+        for key, value in candidate.items():
+            if is_rank_key(key):
+                stage = key[len("stage"):-len(RANK_FIELD) - 1]
+                out[stage] = float(value)
+        return out
+
     @staticmethod
     def stage_keys(n_stages: int) -> list[str]:
         return [f"stage{i}.{field}" for i in range(1, n_stages + 1) for field in STAGE_FIELDS]
@@ -235,6 +275,7 @@ class MacroCNNSpace:
     def architecture(self, candidate: Mapping[str, Any]) -> dict[str, Any]:
         """The validated architecture keys of `candidate`; compression and `train.*` keys may be present or not."""
         arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS and not is_train_key(k)}
+        arch = {k: v for k, v in arch.items() if not is_rank_key(k)}
         wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(arch))]
         return check_params(arch, self.decisions(), wanted)
 
