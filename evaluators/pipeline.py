@@ -470,6 +470,8 @@ class PipelineEvaluator:
                 twin, fmt, calibration, artifact,
                 int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
                 fingerprint=self.latency.fingerprint() or None,
+                # Per-stage precision (space.stage_precision): the stages that stay float in an int8 file.
+                keep_float=getattr(self.space, "float_modules", lambda _c: [])(candidate),
             )
             if fmt == "fp32":
                 # fp32 is its own twin: one file, the artifact measured and shipped.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,9 @@ class _ArrayReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _quantize_static(fp32_path: Path, out_path: Path, calibration: np.ndarray, full_range: bool) -> None:
+def _quantize_static(
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, full_range: bool, keep_float: Sequence[str] = ()
+) -> None:
     if calibration.ndim != 4 or len(calibration) == 0:
         raise ValueError(
             f"calibration has shape {calibration.shape}; allowed: a non-empty float32 NCHW array"
@@ -56,7 +59,9 @@ def _quantize_static(fp32_path: Path, out_path: Path, calibration: np.ndarray, f
         # Shape inference + graph clean-up first: ORT's quantizer needs value shapes to pick per-channel axes.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        keep_float = first_and_last_layers(onnx.load(str(pre), load_external_data=False).graph)
+        graph = onnx.load(str(pre), load_external_data=False).graph
+        excluded = first_and_last_layers(graph)
+        excluded += [n for n in module_nodes(graph, keep_float) if n not in excluded]
         quantize_static(
             str(pre),
             str(out_path),
@@ -72,8 +77,33 @@ def _quantize_static(fp32_path: Path, out_path: Path, calibration: np.ndarray, f
             # 0.75 vs 0.88 fp32; with 7-bit weights 0.88 at the same speed). VNNI accumulates in
             # int32 directly, so full 8-bit weights are exact there (results/bench/formats.json).
             reduce_range=not full_range,
-            nodes_to_exclude=keep_float,
+            nodes_to_exclude=excluded,
         )
+
+
+def module_nodes(graph: onnx.GraphProto, modules: Sequence[str]) -> list[str]:
+    """Names of the nodes that torch.onnx exported from the top-level submodules `modules` of the model.
+
+    The TorchScript exporter names every node by its module scope: a node of the model's child "2"
+    (a macro-CNN stage: nn.Sequential index) is "/2/2.0/.../Conv", so the node names under "/2/" are
+    exactly that child's computation (tests/test_layer_precision.py checks it on exported stages).
+    A name that matches no node is refused (ValueError, one line): keeping it float would otherwise
+    silently do nothing (a renamed scope, another exporter).
+    """
+    names: list[str] = []
+    for module in modules:
+        if not module or "/" in module or "." in module:
+            raise ValueError(f"keep_float: {module!r} is not a top-level module name; allowed: e.g. '2' (stage 2)")
+        prefix = f"/{module}/"
+        nodes = [n for n in graph.node if n.name.startswith(prefix)]
+        if not nodes:
+            scopes = sorted({n.name.split("/")[1] for n in graph.node if n.name.startswith("/") and "/" in n.name[1:]})
+            raise ValueError(
+                f"keep_float: module {module!r} has no node in the exported graph (none named {prefix}...); "
+                f"allowed: {', '.join(scopes) or 'none found'}"
+            )
+        names += [n.name for n in nodes]
+    return names
 
 
 def first_and_last_layers(graph: onnx.GraphProto) -> list[str]:
@@ -204,6 +234,7 @@ def compress_onnx(
     int8_full_range: bool = False,
     provider: str = "cpu",
     fingerprint: dict | None = None,
+    keep_float: Sequence[str] = (),
 ) -> Path:
     """Write `fp32_path` compressed to `fmt` at `out_path` for a target, and return that path.
 
@@ -218,11 +249,18 @@ def compress_onnx(
     `hwnas.evaluators.measure.fingerprint.int8_has_vnni`) keeps 8-bit weights, False 7-bit.
     int4: weight-only, every linear layer as MatMulNBits (int4 blocks of INT4_BLOCK, float32
     arithmetic), convolutions float32; refused for a model without a linear layer.
+
+    `keep_float` (int8 only): top-level module names of the exported torch model (a macro-CNN stage's
+    index, `MacroCNNSpace.float_modules`) whose nodes stay float32 too: per-stage precision, the file
+    holds exactly that mix (`module_nodes`). Refused for another format, where it would mean nothing.
     """
     if fmt not in FORMATS:
         raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
     if provider not in _ORT_PROVIDERS:
         raise ValueError(f"provider={provider!r} is unknown; allowed: {', '.join(_ORT_PROVIDERS)}")
+    keep_float = list(keep_float)
+    if keep_float and fmt != "int8":
+        raise ValueError(f"keep_float: {keep_float} given with quant={fmt!r}; allowed: only with quant='int8'")
     check_formats([fmt], provider, fingerprint if fingerprint is not None else device_fingerprint(provider))
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +274,7 @@ def compress_onnx(
         half.topological_sort()
         onnx.save(half.model, str(out_path))
     elif fmt == "int8":
-        _quantize_static(fp32_path, out_path, calibration, full_range=int8_full_range)
+        _quantize_static(fp32_path, out_path, calibration, full_range=int8_full_range, keep_float=keep_float)
     elif _int4_weight_only(fp32_path, out_path) == 0:
         raise ValueError(
             "quant='int4' has nothing to compute in int4 for this model: it has no linear layer "

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 BLOCK_KINDS = ("conv", "dwsep", "ir")
 MAX_STAGES = 6
 STAGE_FIELDS = ("depth", "width", "kernel", "block")
+# Per-stage precision (space.stage_precision): `stage<k>.precision` among these, sampled only when the
+# candidate's `quant` is int8; the int8 compressor keeps the fp32 stages float (evaluators/quantize.py).
+PRECISIONS = ("fp32", "int8")
+PRECISION_FIELD = "precision"
+
+
+def is_precision_key(key: str) -> bool:
+    return key.startswith("stage") and key.endswith("." + PRECISION_FIELD)
+
+
 # Per-stage low-rank factorization (evaluators/lowrank.py): `stage<k>.rank_ratio`, a compression knob
 # applied to the trained network, sampled only when space.rank_ratios is not [1.0].
 RANK_FIELD = "rank_ratio"
@@ -129,6 +139,7 @@ class MacroCNNSpace:
         prune_ratios: list[float],
         quant: list[str],
         train: Mapping[str, Any] | None = None,
+        stage_precision: bool = False,
         rank_ratios: list[float] | None = None,
     ) -> None:
         self.n_stages = int_choices("n_stages", n_stages, 1, MAX_STAGES)
@@ -150,6 +161,14 @@ class MacroCNNSpace:
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
         self.train = from_config(train)
+        if not isinstance(stage_precision, bool):
+            raise ValueError(f"space.stage_precision: {stage_precision!r} is not a boolean; allowed: true, false")
+        if stage_precision and "int8" not in self.quant:
+            raise ValueError(
+                f"space.stage_precision: true needs int8 among space.quant ({', '.join(self.quant)}): the stages "
+                "choose between fp32 and int8 only in int8 candidates; allowed: false, or add int8 to space.quant"
+            )
+        self.stage_precision = stage_precision
         self.rank_ratios = rank_ratio_choices([1.0] if rank_ratios is None else rank_ratios)
         # Expansion is folded into the block name so that every stage has the same four parameters.
         self.block_choices: list[str] = []
@@ -197,6 +216,8 @@ class MacroCNNSpace:
                 out[f"stage{i}.{field}"] = list(choices)
         out["prune_ratio"] = list(self.prune_ratios)
         out["quant"] = list(self.quant)
+        for key in self.precision_keys(max(self.n_stages), "int8"):
+            out[key] = list(PRECISIONS)
         for key in self.rank_keys(max(self.n_stages)):
             out[key] = list(self.rank_ratios)
         return out
@@ -208,6 +229,8 @@ class MacroCNNSpace:
                 candidate[f"stage{i}.{field}"] = trial.suggest_categorical(f"stage{i}.{field}", choices)
         candidate["prune_ratio"] = trial.suggest_categorical("prune_ratio", self.prune_ratios)
         candidate["quant"] = trial.suggest_categorical("quant", self.quant)
+        for key in self.precision_keys(candidate["n_stages"], candidate["quant"]):
+            candidate[key] = trial.suggest_categorical(key, list(PRECISIONS))
         for key in self.rank_keys(candidate["n_stages"]):
             candidate[key] = trial.suggest_categorical(key, self.rank_ratios)
         candidate.update(self.train.suggest(trial))
@@ -217,6 +240,7 @@ class MacroCNNSpace:
         """Validate `params` (e.g. trial.params) and return the canonical candidate."""
         n_stages = self.checked_n_stages(params)
         wanted = ["n_stages", *self.stage_keys(n_stages), "prune_ratio", "quant", *self.rank_keys(n_stages)]
+        wanted += self.precision_keys(self.checked_n_stages(params), params.get("quant"))
         net = {k: v for k, v in params.items() if not is_train_key(k)}
         return {**check_params(net, self.decisions(), wanted), **self.train.check(params)}
 
@@ -259,6 +283,23 @@ class MacroCNNSpace:
                 out[stage] = float(value)
         return out
 
+    def precision_keys(self, n_stages: int, quant: Any) -> list[str]:
+        """`stage<k>.precision` of the active stages of an int8 candidate; none with the knob off."""
+        if not self.stage_precision or quant != "int8":
+            return []
+        return [f"stage{i}.{PRECISION_FIELD}" for i in range(1, n_stages + 1)]
+
+    def float_modules(self, candidate: Mapping[str, Any]) -> list[str]:
+        """Children of `build`'s network that stay float32 in the int8 file: stage k (child `k`) when
+        `stage<k>.precision` is fp32, and the pooling and flatten after the last stage when that stage
+        is fp32 (quantizing them alone would only add Quantize/Dequantize). Empty unless quant is int8."""
+        if candidate.get("quant") != "int8":
+            return []
+        n_stages = int(candidate["n_stages"])
+        fp32 = [i for i in range(1, n_stages + 1) if candidate.get(f"stage{i}.{PRECISION_FIELD}") == "fp32"]
+        tail = [n_stages + 1, n_stages + 2] if n_stages in fp32 else []  # AdaptiveAvgPool2d, Flatten
+        return [str(i) for i in fp32 + tail]
+
     @staticmethod
     def stage_keys(n_stages: int) -> list[str]:
         return [f"stage{i}.{field}" for i in range(1, n_stages + 1) for field in STAGE_FIELDS]
@@ -276,6 +317,7 @@ class MacroCNNSpace:
         """The validated architecture keys of `candidate`; compression and `train.*` keys may be present or not."""
         arch = {k: v for k, v in candidate.items() if k not in COMPRESSION_KEYS and not is_train_key(k)}
         arch = {k: v for k, v in arch.items() if not is_rank_key(k)}
+        arch = {k: v for k, v in arch.items() if not is_precision_key(k)}
         wanted = ["n_stages", *self.stage_keys(self.checked_n_stages(arch))]
         return check_params(arch, self.decisions(), wanted)
 
