@@ -215,6 +215,32 @@ def test_the_file_carries_exactly_the_mix(exported, precisions: tuple[str, ...],
     assert np.abs(got - want).max() <= 0.25 * np.abs(want).max() + 1e-3
 
 
+def test_factorized_and_pruned_stages_keep_their_scope(tmp_path: Path) -> None:
+    """Low-rank factorization (a conv becomes two) and pruning run before export: the stage's nodes are
+    still under its scope, so its precision still covers every one of them."""
+    from hwnas.evaluators.lowrank import factorize
+    from hwnas.evaluators.prune import prune
+
+    space = macro_space(stage_precision=True, n_stages=[3], widths=[16, 24, 32], expansions=[3])
+    torch.manual_seed(0)
+    example = torch.zeros(1, 3, 32, 32)
+    model, factorized = factorize(space.build(THREE, (3, 32, 32), 10).eval(), {"1": 0.5, "2": 0.5, "3": 0.5})
+    assert factorized > 0
+    model = prune(model, 0.5, example).eval()
+    fp32 = export_onnx(model, example, tmp_path / "fp32.onnx", opset=17)
+    calibration = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    for precisions in (("int8", "fp32", "int8"), ("fp32", "int8", "fp32")):
+        candidate = with_precision(*precisions)
+        out = compress_onnx(fp32, "int8", calibration, tmp_path / "int8.onnx", keep_float=space.float_modules(candidate))
+        int8, floats = quantized_convs(out)
+        kernels = ort_kernels(out, tmp_path)
+        for k, precision in enumerate(precisions, start=1):
+            stage = str(k)
+            convs = int8[stage] + floats[stage]
+            assert convs > CONVS[stage] or stage == "2"  # stage 2's pointwise convs do not shrink at 0.5
+            assert (int8[stage], kernels[(stage, "QLinearConv")]) == ((convs, convs) if precision == "int8" else (0, 0))
+
+
 def test_keep_float_refusals(exported, tmp_path: Path) -> None:
     _, fp32, calibration = exported
     with pytest.raises(ValueError, match=r"^keep_float: module '9' has no node in the exported graph \(none named /9/\.\.\.\); "
