@@ -1,4 +1,5 @@
-"""One trial end to end: build -> train -> prune -> fine-tune -> export -> compress -> ORT accuracy -> latency.
+"""One trial end to end: build -> train -> factorize -> prune -> fine-tune -> export -> compress -> ORT accuracy
+-> latency (factorize: the space's low-rank knob, evaluators/lowrank.py).
 
 The reported accuracy and latency are both measured on the compressed ONNX file left in the trial
 directory (model.onnx), so what the search ranks is exactly what would be deployed. A compressed
@@ -402,7 +403,7 @@ class PipelineEvaluator:
         self, candidate: dict[str, Any], out_dir: Path, prune_ratio: float, fmt: str, metrics: dict[str, float],
         *, split: str, epochs: int,
     ) -> _Made:
-        """The steps a trial and final training share: data -> build -> train on `split` -> prune ->
+        """The steps a trial and final training share: data -> build -> train on `split` -> factorize -> prune ->
         fine-tune -> profile -> export (fp32) -> compress. Clocks each step into `metrics`; leaves
         out_dir/model.onnx and, when compressed, its fp32 twin out_dir/model_fp32.onnx."""
         with self._computing():

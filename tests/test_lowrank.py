@@ -3,11 +3,15 @@
 The factorized layers compute what the originals did at ratio 1.0 (up to float error), have the rank the
 formula says, leave depthwise convs, the stem and the classifier alone, still prune, and export as two Conv
 nodes with the reduced shapes. A trial with the knob factorizes, fine-tunes (even unpruned) and reports it;
-a sweep records the knob in trials.csv and MLflow; bad values are refused in one line.
+a sweep records the knob in trials.csv and MLflow and resumes with it; bad values are refused in one line.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, hwnas, mlflow_runs, output_of, read_jsonl
+from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
 from torch import nn
 
 from hwnas.evaluators.lowrank import (
@@ -248,25 +252,45 @@ def test_bad_rank_ratios_refused_through_the_cli(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("hwnas: error: space.rank_ratios: 2 is out of range"), proc.stderr
 
 
-def test_sweep_records_the_knob(tmp_path: Path) -> None:
-    """experiment=compress_all with every stage at 0.25: stage<k>.rank_ratio in trials.csv and in each
-    MLflow child run's params, lowrank_layers among the metrics."""
-    n = 2
+def test_sweep_records_the_knob_and_resumes_with_it(tmp_path: Path) -> None:
+    """experiment=compress_all, every stage at 0.5 or 0.25: stage<k>.rank_ratio in trials.csv and in each
+    MLflow child run's params, lowrank_layers among the metrics; killed after its first trial and resumed,
+    the sweep finishes with the knob, the trials recorded before the kill unchanged."""
+    n = 3
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
-    done = hwnas("experiment=compress_all", "runner=local", f"n_trials={n}", f"run_dir={run_dir}", f"tracking.uri={uri}",
-                 f"hardware.cache={tmp_path / 'latency.sqlite'}", "space.rank_ratios=[0.25]", "space.widths=[16]",
-                 "space.blocks=[conv]", timeout=300)
+    args = ["experiment=compress_all", "runner=local", f"n_trials={n}", f"run_dir={run_dir}", f"tracking.uri={uri}",
+            f"hardware.cache={tmp_path / 'latency.sqlite'}", "space.rank_ratios=[0.5,0.25]", "space.widths=[16]",
+            "space.blocks=[conv]"]
+    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_jsonl(run_dir / "trials.jsonl")) < 1:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no trial recorded in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = read_jsonl(run_dir / "trials.jsonl")
+    assert 1 <= len(before) < n
+    done = hwnas(*args, "resume=true", timeout=300)
     assert done.returncode == 0, output_of(done)
+    rows = read_jsonl(run_dir / "trials.jsonl")
+    assert len(rows) == n and rows[: len(before)] == before
+
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == n and (trials["status"] == "COMPLETE").all(), trials
-    assert "stage1.rank_ratio" in trials.columns and (trials["stage1.rank_ratio"] == 0.25).all()
+    assert "stage1.rank_ratio" in trials.columns
     for _, row in trials.iterrows():
         for i in range(1, int(row["n_stages"]) + 1):
-            assert row[f"stage{i}.rank_ratio"] == 0.25
-    rows = {r["number"]: r for r in read_jsonl(run_dir / "trials.jsonl")}
-    assert all(r["metrics"]["lowrank_layers"] >= 1 for r in rows.values()), rows
+            assert row[f"stage{i}.rank_ratio"] in (0.5, 0.25)
+    assert all(r["metrics"]["lowrank_layers"] >= 1 for r in rows), rows
+    by_number = {r["number"]: r for r in rows}
     _, children = mlflow_runs(uri, "hwnas-compress_all")
-    assert len(children) == n
-    for c in children:
-        assert float(c.data.params["stage1.rank_ratio"]) == 0.25
-        assert float(c.data.metrics["lowrank_layers"]) >= 1
+    ended = [c for c in children if c.info.status in ("FINISHED", "FAILED")]
+    assert len(ended) == n
+    for c in ended:
+        row = by_number[int(c.data.tags["trial"])]
+        assert float(c.data.params["stage1.rank_ratio"]) == row["candidate"]["stage1.rank_ratio"]
+        assert float(c.data.metrics["lowrank_layers"]) == row["metrics"]["lowrank_layers"]
