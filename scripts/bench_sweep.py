@@ -37,7 +37,7 @@ from hwnas.scripts.sweep_run import split_overrides
 from hwnas.spaces.candidate import arch_id  # noqa: E402
 
 ROOT = Path.cwd()  # results/ of the folder it runs in (the repository root, run as python -m hwnas.scripts.NAME)
-STEP_KEYS = ("data_s", "build_s", "train_s", "prune_s", "finetune_s", "profile_s", "export_s", "compress_s", "accuracy_s", "latency_s", "total_s")
+STEP_KEYS = ("data_s", "build_s", "train_s", "factorize_s", "prune_s", "finetune_s", "profile_s", "export_s", "compress_s", "accuracy_s", "latency_s", "total_s")
 TARGET_WALL_S = 600.0  # `make search` in at most 10 minutes on 2 cores
 TARGET_OVERHEAD = 0.15
 COMPLETE = "COMPLETE"

@@ -198,9 +198,13 @@ def test_cached_candidates_with_training_knobs_fit_the_latency_space() -> None:
                                                        "stage1.depth": 1, "stage1.width": 8, "stage1.kernel": 3,
                                                        "stage1.block": "conv", "stage2.depth": 1, "stage2.width": 8,
                                                        "stage2.kernel": 3, "stage2.block": "conv"}))
-    frame = pd.DataFrame({"candidate": [json.dumps({**candidate, "train.lr": 0.01, "train.optimizer": "sgd"})]})
+    frame = pd.DataFrame({"candidate": [json.dumps({**candidate, "train.lr": 0.01, "train.optimizer": "sgd",
+                                                    "stage1.rank_ratio": 1.0})]})
     try:
         (name, parsed), = candidates_of(frame, "macro_cnn", "cache.csv")
     except UsageError as exc:  # a space the default config cannot hold: the test's candidate, not the rule, is wrong
         pytest.fail(str(exc))
-    assert not any(k.startswith("train.") for k in parsed) and parsed["stage1.width"] == 8
+    assert not any(k.startswith("train.") or k.endswith("rank_ratio") for k in parsed) and parsed["stage1.width"] == 8
+    factorized = pd.DataFrame({"candidate": [json.dumps({**candidate, "stage1.rank_ratio": 0.5})]})
+    with pytest.raises(UsageError, match=r"stage1\.rank_ratio=0\.5 is compressed"):
+        candidates_of(factorized, "macro_cnn", "cache.csv")

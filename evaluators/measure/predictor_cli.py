@@ -28,6 +28,8 @@ from typing import Any
 
 import pandas as pd
 
+from hwnas.spaces.candidate import COMPRESSION_KEYS, is_compression_key
+
 USAGE = (
     "usage: hwnas-predictor fit space=nb201|macro_cnn table=DEVICE.csv out=MODEL [host_cache=PATH] [device=NAME] "
     "[input=CxHxW] [host_protocol=default|fast] [families=a,b] | predict model=MODEL table=ARCHS.csv out=PRED.csv "
@@ -130,6 +132,14 @@ def candidates_of(frame: pd.DataFrame, space: str, source: str) -> list[tuple[st
                     raise ValueError("candidate is not a JSON object")
                 # Training knobs (train.*) change the weights, not the graph the latency is a property of.
                 candidate = {k: v for k, v in candidate.items() if not str(k).startswith("train.")}
+                # Per-stage compression (stage<k>.rank_ratio, stage<k>.precision): the uncompressed graph only.
+                staged = {k: v for k, v in candidate.items() if is_compression_key(str(k)) and k not in COMPRESSION_KEYS}
+                factorized = {k: v for k, v in staged.items() if str(k).endswith(".rank_ratio") and v != 1}
+                if factorized:
+                    key = next(iter(factorized))
+                    raise ValueError(f"candidate {key}={factorized[key]!r} is compressed; allowed here: rank ratio 1 "
+                                     "(for compressed files use LatencyPredictor.predict_onnx)")
+                candidate = {k: v for k, v in candidate.items() if k not in staged}
                 candidate = {"prune_ratio": 0.0, "quant": "fp32", **candidate}
             else:
                 if not isinstance(row.get("arch"), str):
