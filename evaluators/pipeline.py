@@ -46,6 +46,17 @@ FINAL_SPLIT = "trainval"  # final training fits on train + val
 PREDICTION_ERROR_KEYS = ("low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range")
 STEPS = ("data", "build", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
 EVAL_SPLITS = ("val", "test")
+# What the file and the way it was made report, in trials and in final training alike.
+MODEL_METRICS = (
+    "model_bytes",
+    "params",
+    "macs",
+    "total_s",
+    "data_load_s",
+    "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
+    "init_skipped_tensors",
+    "lowrank_layers",  # a space with the rank knob on (stage<k>.rank_ratio): layers factorized
+)
 METRIC_NAMES = frozenset(
     {
         "val_accuracy",
@@ -75,14 +86,7 @@ METRIC_NAMES = frozenset(
         "latency_pred_spearman",
         "latency_pred_n",
         "energy_j",  # joules per inference, only where the target has a meter (RAPL, NVML)
-        "model_bytes",
-        "params",
-        "macs",
-        "total_s",
-        "data_load_s",
-        "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
-        "init_skipped_tensors",
-        "lowrank_layers",  # a space with the rank knob on (stage<k>.rank_ratio): layers factorized
+        *MODEL_METRICS,
         *(f"{step}_s" for step in STEPS),
     }
 )
@@ -96,14 +100,7 @@ RETRAIN_METRIC_NAMES = frozenset(
         "val_accuracy",
         "float_val_accuracy",
         "torch_val_accuracy",
-        "model_bytes",
-        "params",
-        "macs",
-        "total_s",
-        "data_load_s",
-        "init_loaded_tensors",  # evaluator.init_from only: tensors of the file loaded, and not fitting
-        "init_skipped_tensors",
-        "lowrank_layers",
+        *MODEL_METRICS,
         *(f"{step}_s" for step in STEPS if step != "latency"),
     }
 )

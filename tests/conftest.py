@@ -51,6 +51,32 @@ def hwnas_export(*args: str, timeout: float = 300) -> subprocess.CompletedProces
     return hwnas(*args, timeout=timeout, entry="hwnas-export")
 
 
+def kill_after_first_trial_then_resume(args: list[str], run_dir: Path, n: int) -> tuple[list[dict], list[dict]]:
+    """Start `hwnas *args`, SIGKILL its whole process group once a trial is recorded, then resume it to the end.
+    Returns (the records before the kill, all records after the resume); asserts the resume finished."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_jsonl(run_dir / "trials.jsonl")) < 1:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no trial recorded in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = read_jsonl(run_dir / "trials.jsonl")
+    assert 1 <= len(before) < n
+    done = hwnas(*args, "resume=true", timeout=300)
+    assert done.returncode == 0, output_of(done)
+    rows = read_jsonl(run_dir / "trials.jsonl")
+    assert len(rows) == n and rows[: len(before)] == before
+    return before, rows
+
+
 def output_of(proc: subprocess.CompletedProcess[str]) -> str:
     """The tail of a finished command's output, for assertion messages."""
     return (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]

@@ -8,10 +8,6 @@ a sweep records the knob in trials.csv and MLflow and resumes with it; bad value
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
+from conftest import (
+    ROOT,
+    hwnas,
+    kill_after_first_trial_then_resume,
+    mlflow_runs,
+    output_of,
+)
 from torch import nn
 
 from hwnas.evaluators.lowrank import (
@@ -261,23 +263,7 @@ def test_sweep_records_the_knob_and_resumes_with_it(tmp_path: Path) -> None:
     args = ["experiment=compress_all", "runner=local", f"n_trials={n}", f"run_dir={run_dir}", f"tracking.uri={uri}",
             f"hardware.cache={tmp_path / 'latency.sqlite'}", "space.rank_ratios=[0.5,0.25]", "space.widths=[16]",
             "space.blocks=[conv]"]
-    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(read_jsonl(run_dir / "trials.jsonl")) < 1:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no trial recorded in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = read_jsonl(run_dir / "trials.jsonl")
-    assert 1 <= len(before) < n
-    done = hwnas(*args, "resume=true", timeout=300)
-    assert done.returncode == 0, output_of(done)
-    rows = read_jsonl(run_dir / "trials.jsonl")
-    assert len(rows) == n and rows[: len(before)] == before
+    before, rows = kill_after_first_trial_then_resume(args, run_dir, n)
 
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == n and (trials["status"] == "COMPLETE").all(), trials

@@ -10,11 +10,7 @@ acts (the loss, the optimizer, Lightning's count of optimizer steps).
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,13 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
+from conftest import (
+    ROOT,
+    hwnas,
+    kill_after_first_trial_then_resume,
+    mlflow_runs,
+    output_of,
+)
 
 from hwnas.spaces.candidate import arch_id, net_id
 from hwnas.spaces.macro_cnn import MacroCNNSpace
@@ -286,24 +288,7 @@ def test_compress_all_records_the_knobs_and_resumes_with_them(tmp_path: Path) ->
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
     args = ["experiment=compress_all", "runner=local", f"n_trials={n}", f"run_dir={run_dir}", f"tracking.uri={uri}",
             f"hardware.cache={tmp_path / 'latency.sqlite'}"]
-    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(read_jsonl(run_dir / "trials.jsonl")) < 1:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no trial recorded in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = read_jsonl(run_dir / "trials.jsonl")
-    assert 1 <= len(before) < n
-
-    done = hwnas(*args, "resume=true", timeout=300)
-    assert done.returncode == 0, output_of(done)
-    rows = read_jsonl(run_dir / "trials.jsonl")
-    assert len(rows) == n and rows[: len(before)] == before
+    before, rows = kill_after_first_trial_then_resume(args, run_dir, n)
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == n and set(TRAIN_KEYS) <= set(trials.columns)
     assert (trials["status"] == "COMPLETE").all(), trials[["number", "status", "error"]]
