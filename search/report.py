@@ -153,6 +153,16 @@ def _clean(rows: Sequence[Any], objectives: Objectives) -> tuple[list[dict[str, 
 # ----------------------------------------------------------------------------- figures
 
 
+def _chosen_trial(card: Any) -> Any:
+    """The exported trial's number: `candidate.trial` in a model card (hwnas.model_card/1), `trial` in older ones."""
+    if not isinstance(card, Mapping):
+        return None
+    candidate = card.get("candidate")
+    if isinstance(candidate, Mapping) and "trial" in candidate:
+        return candidate["trial"]
+    return card.get("trial")
+
+
 def _hover(r: dict[str, Any], objectives: Objectives, chosen: int | None) -> str:
     """A point's hover label: escaped text joined by <br> (plotly's own line break)."""
     lines = [f"<b>trial {r['number']}</b>" + (" (chosen)" if r["number"] == chosen else "")]
@@ -379,7 +389,7 @@ def render(run_dir: Path, objectives: Objectives, rows: Sequence[Any], *, card: 
     False leaves them out, a (values, note) pair is shown as given (ReportWriter's cached ones)."""
     run_dir = Path(run_dir)
     complete, failed = _clean(rows, objectives)
-    chosen = card.get("trial") if isinstance(card, Mapping) else None
+    chosen = _chosen_trial(card)
     chosen = chosen if isinstance(chosen, int) and not isinstance(chosen, bool) else None
     figures = _Figures()
     front = sorted((r for r in complete if r["pareto"]), key=lambda r: r["metrics"][objectives.names[0]],
@@ -488,7 +498,7 @@ def write_report(run_dir: Path, objectives: Objectives, rows: list[dict[str, Any
     """Write `run_dir/report.html` atomically (a reader never sees half a page); returns its path.
 
     `rows`: trials.jsonl's records (not changed: feasibility and front are worked out on copies under
-    `objectives`). `card`: the export's model_card.json, whose `trial` is the chosen one.
+    `objectives`). `card`: the export's model_card.json, whose `candidate.trial` is the chosen one.
     `importances=False` skips Optuna's importances (they re-read the journal); a (values, note) pair
     is shown as given.
     """

@@ -110,6 +110,8 @@ def test_every_card_field_matches_its_source(sweep: tuple[Path, str, subprocess.
                  hardware["device_id"], hardware["protocol_key"], card["files"]["sha256"], card["reproduce"]["sweep"],
                  f"{100 * m['test_accuracy']:.2f}%", f"{100 * m['float_test_accuracy']:.2f}%", "Final training did not run"):
         assert text in md, text
+    # The report the sweep wrote at the end marks the exported trial as the chosen one.
+    assert f"trial {card['candidate']['trial']}</dd>" in (run_dir / "report.html").read_text()
     # The closing summary points at all of it, with a link that opens MLflow's runs table.
     assert f"exported trial {card['candidate']['trial']}" in proc.stdout and "report.html" in proc.stdout
     assert "workflowType=machine_learning" in proc.stdout and "registered models:/hwnas-smoke/1" in proc.stdout
