@@ -153,8 +153,7 @@ def save_mlflow_model(
 
     written_path = out_dir / MODEL_FILE
     written, written_bytes = _parse(written_path)
-    if _without_metadata(written) != _without_metadata(onnx.load_model_from_string(source_bytes)):
-        raise ModelFileError(f"{written_path}: graph, opsets or ir_version differ from {source}; allowed: the source model unchanged")
+    _check_same(onnx.load_model_from_string(source_bytes), written, source, written_path)
     if {p.key: p.value for p in written.metadata_props} != props:
         raise ModelFileError(f"{written_path}: metadata_props differ from what was written; allowed: the given metadata")
     return {
@@ -167,9 +166,12 @@ def save_mlflow_model(
 
 def verify_same_model(source: Path, written: Path) -> None:
     """ModelFileError unless `written` is `source` up to metadata_props (graph, opsets, ir_version ...)."""
-    a, _ = _parse(Path(source))
-    b, _ = _parse(Path(written))
-    if _without_metadata(a) != _without_metadata(b):
+    _check_same(_parse(Path(source))[0], _parse(Path(written))[0], source, written)
+
+
+def _check_same(source_model: Any, written_model: Any, source: Path, written: Path) -> None:
+    # The source (before its metadata was set) and the written file, compared with metadata_props cleared.
+    if _without_metadata(source_model) != _without_metadata(written_model):
         raise ModelFileError(f"{written}: graph, opsets or ir_version differ from {source}; allowed: the source model unchanged")
 
 

@@ -685,8 +685,9 @@ def _read_card(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    from hwnas.search.cli import _fail as fail  # the commands' one error line and exit status
+
+    return fail(PROG, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
