@@ -6,7 +6,7 @@ import logging
 import time
 import warnings
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -18,14 +18,19 @@ from hwnas.evaluators.data import DataRecipe
 from hwnas.evaluators.data.base import FIT_SPLITS
 from hwnas.evaluators.training_options import DEFAULT_MOMENTUM, check_accelerator
 
+if TYPE_CHECKING:
+    from hwnas.evaluators.distill import Distillation
+
 
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy training of a wrapped network (with `label_smoothing`); cosine LR schedule over
-    `epochs`; SGD is Nesterov with `momentum`."""
+    `epochs`; SGD is Nesterov with `momentum`. With `distill` (evaluators.distill.Distillation), the loss
+    is `distillation_loss` against the teacher's logits for exactly the batch the student sees (after
+    augmentation)."""
 
     def __init__(
         self, model: nn.Module, *, lr: float, optimizer: str, weight_decay: float, epochs: int,
-        label_smoothing: float = 0.0, momentum: float = DEFAULT_MOMENTUM,
+        label_smoothing: float = 0.0, momentum: float = DEFAULT_MOMENTUM, distill: Distillation | None = None,
     ) -> None:
         super().__init__()
         # The settings were checked once, by PipelineEvaluator's constructor, before any trial.
@@ -36,13 +41,22 @@ class ClassifierModule(pl.LightningModule):
         self.epochs = epochs
         self.label_smoothing = label_smoothing
         self.momentum = momentum
+        self.distill = distill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        if self.distill is None:
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        else:
+            from hwnas.evaluators.distill import distillation_loss
+
+            loss = distillation_loss(
+                self.model(x), self.distill.teacher.logits(x), y, temperature=self.distill.temperature,
+                weight=self.distill.weight, label_smoothing=self.label_smoothing,
+            )
         # Fail loudly: a diverged candidate must be recorded as failed, not scored on garbage weights.
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} in epoch {self.current_epoch}")
@@ -168,6 +182,7 @@ def fit(
     momentum: float = DEFAULT_MOMENTUM,
     batch_size: int | None = None,
     steps: list[int] | None = None,
+    distill: Distillation | None = None,
 ) -> nn.Module:
     """Train `model` in place for `epochs` on the data's `split` ("train", or "trainval" for final
     training); return it on CPU in eval mode.
@@ -175,14 +190,18 @@ def fit(
     that size instead of the data's own (None). steps: when a list, the optimizer steps taken are
     appended to it (Lightning's trainer.global_step), for callers that report them.
     compute_slot: hold the node's compute slot per batch (ComputeSlot); False where no latency is timed
-    on this node (remote or predicted targets)."""
+    on this node (remote or predicted targets). distill: train against a teacher's logits
+    (evaluators.distill.Distillation; the teacher is checked against the data's shapes first); None:
+    plain cross-entropy."""
     check_accelerator(accelerator)
     if split not in FIT_SPLITS:
         raise ValueError(f"split={split!r} is not a training split; allowed: {', '.join(FIT_SPLITS)}")
+    if distill is not None:
+        distill.teacher.check_fits(data.input_shape, data.num_classes)
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
     module = ClassifierModule(model, lr=lr, optimizer=optimizer, weight_decay=weight_decay, epochs=epochs,
-                              label_smoothing=label_smoothing, momentum=momentum)
+                              label_smoothing=label_smoothing, momentum=momentum, distill=distill)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="gpu" if accelerator == "cuda" else accelerator,
