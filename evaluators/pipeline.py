@@ -1,5 +1,6 @@
-"""One trial end to end: build -> train -> factorize -> prune -> fine-tune -> export -> compress -> ORT accuracy
--> latency (factorize: the space's low-rank knob, evaluators/lowrank.py).
+"""One trial end to end: build -> train -> factorize -> prune -> fine-tune -> export -> compress -> QAT -> ORT
+accuracy -> latency (factorize: the space's low-rank knob, evaluators/lowrank.py; QAT: compression.qat_epochs,
+evaluators/qat.py). With a distillation teacher (compression.distill.teacher) every fit learns from it too.
 
 The reported accuracy and latency are both measured on the compressed ONNX file left in the trial
 directory (model.onnx), so what the search ranks is exactly what would be deployed. A compressed
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hwnas.evaluators.base import Evaluation
+from hwnas.evaluators.compression_options import CompressionSettings
 from hwnas.evaluators.data import DataRecipe
 from hwnas.evaluators.measure.base import Target
 from hwnas.evaluators.measure.plan import LatencyPlan
@@ -29,10 +31,12 @@ from hwnas.evaluators.onnx_accuracy import onnx_accuracy
 from hwnas.evaluators.training_options import OPTIMIZERS, check_accelerator
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import FORMATS, net_id
-from hwnas.spaces.training import is_train_key, training_values
+from hwnas.spaces.training import distill_values, is_train_key, training_values
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from hwnas.evaluators.distill import Distillation, OnnxTeacher
 
 # The driver builds, validates and pickles this evaluator; only workers run it. So torch, Lightning,
 # Torch-Pruning and ONNX quantization are imported where a trial runs, not on import: the driver
@@ -44,7 +48,9 @@ FLOAT_ARTIFACT_NAME = "model_fp32.onnx"
 FINAL_SPLIT = "trainval"  # final training fits on train + val
 # What a predicted latency carries about its error (LatencyPlan._predict), for the export's card.
 PREDICTION_ERROR_KEYS = ("low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range")
-STEPS = ("data", "build", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "accuracy", "latency")
+STEPS = (
+    "data", "build", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "qat", "accuracy", "latency"
+)
 EVAL_SPLITS = ("val", "test")
 # What the file and the way it was made report, in trials and in final training alike.
 MODEL_METRICS = (
@@ -61,6 +67,7 @@ METRIC_NAMES = frozenset(
     {
         "val_accuracy",
         "float_val_accuracy",  # the fp32 twin's, before compression (fp32: val_accuracy itself)
+        "ptq_val_accuracy",  # int8 with compression.qat_epochs: the post-training-quantized file's, before QAT
         "torch_val_accuracy",
         "latency_ms",
         "latency_p90_ms",
@@ -97,8 +104,10 @@ RETRAIN_METRIC_NAMES = frozenset(
     {
         "test_accuracy",
         "float_test_accuracy",
+        "ptq_test_accuracy",
         "val_accuracy",
         "float_val_accuracy",
+        "ptq_val_accuracy",
         "torch_val_accuracy",
         *MODEL_METRICS,
         *(f"{step}_s" for step in STEPS if step != "latency"),
@@ -121,6 +130,20 @@ class _Made:
     data_load_s: float
     train_steps: int = 0  # optimizer steps of the training (fine-tuning not counted)
     factorized: int = 0  # layers factorized by the rank knob (evaluators/lowrank.py)
+    ptq: Path | None = None  # with QAT: the post-training-quantized file it improved on (scored, then removed)
+
+    def scores(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """ORT accuracy of the file, its fp32 twin and (with QAT) the PTQ file on one split: {"": , "float_": , "ptq_": }."""
+        score = float(onnx_accuracy(self.artifact, x, y))
+        out = {"": score, "float_": float(onnx_accuracy(self.twin, x, y)) if self.twin is not None else score}
+        if self.ptq is not None:
+            out["ptq_"] = float(onnx_accuracy(self.ptq, x, y))
+        return out
+
+    def drop_ptq(self) -> None:
+        """The PTQ file has been scored: only its accuracy is kept (the QAT file is the one shipped)."""
+        if self.ptq is not None:
+            self.ptq.unlink(missing_ok=True)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -187,6 +210,7 @@ class PipelineEvaluator:
         torch_threads: int,
         init_from: str | None = None,
         init_strict: bool = False,
+        compression: CompressionSettings | None = None,
     ) -> None:
         # Every setting is checked here, once, before any trial (ClassifierModule trusts them).
         if epochs < 1:
@@ -227,6 +251,24 @@ class PipelineEvaluator:
             raise ValueError(f"evaluator.init_strict: {init_strict!r} is not allowed; allowed: true, false")
         self.init_from = check_init_file(init_from)
         self.init_strict = init_strict
+        self.compression = compression or CompressionSettings()
+        if self.compression.qat_epochs and "int8" not in getattr(space, "quant", ["int8"]):
+            raise ValueError(
+                f"compression.qat_epochs: {self.compression.qat_epochs} but space.quant "
+                f"({', '.join(getattr(space, 'quant', []))}) has no int8 to train for; allowed: 0, or int8 in space.quant"
+            )
+        knobs = getattr(space, "train", None)
+        if knobs is not None and getattr(knobs, "distills", False) and self.compression.teacher is None:
+            raise ValueError("space.distill: distill.* knobs are searched but compression.distill.teacher is null; "
+                             "allowed: a teacher (an ONNX file path, or train), or space.distill=null")
+        # The teacher: a user's file is checked now; a trained one is made by prepare_teacher (the driver,
+        # once the data is known) and travels to the workers as a path.
+        self.teacher: OnnxTeacher | None = None
+        self.teacher_info: dict[str, Any] | None = None
+        if self.compression.teacher is not None and not self.compression.trains_teacher:
+            from hwnas.evaluators.distill import OnnxTeacher
+
+            self.teacher = OnnxTeacher(self.compression.teacher)
         self._deadline: float | None = None
 
     # -- public API -----------------------------------------------------------------------------
@@ -238,6 +280,86 @@ class PipelineEvaluator:
     def warm_up(self) -> None:
         """Make the data splits now (scikit-learn and all), so that the export at the end does not wait."""
         self.data.setup()
+
+    def prepare_teacher(self, folder: Path, progress: Any = print) -> dict[str, Any] | None:
+        """The distillation teacher, before any trial (the driver, after the data is prepared): a user's
+        file is checked against the data's input and classes; `train` trains one on the train split into
+        `folder` (teacher-<key>.onnx, reused when there: a resume, or a sweep on the same data and settings),
+        also kept in compression.distill.cache_dir when set. Returns what the card and config record
+        (path, sha256, settings), None without a teacher. One-line ValueError when it does not fit."""
+        settings = self.compression
+        if settings.teacher is None:
+            return None
+        from hwnas.evaluators.distill import OnnxTeacher
+
+        self.data.setup()
+        shape, classes = self.data.input_shape, self.data.num_classes
+        if not settings.trains_teacher:
+            assert self.teacher is not None
+            self.teacher.check_fits(shape, classes)
+            self.teacher_info = {"source": "file", "path": str(self.teacher.path), "sha256": self.teacher.sha256}
+            return self.teacher_info
+        path, info = self._train_teacher(Path(folder), progress)
+        self.teacher = OnnxTeacher(path)
+        self.teacher.check_fits(shape, classes)
+        self.teacher_info = {"source": "trained", "path": str(path), "sha256": self.teacher.sha256, **info}
+        return self.teacher_info
+
+    def _train_teacher(self, folder: Path, progress: Any) -> tuple[Path, dict[str, Any]]:
+        import shutil
+
+        from hwnas.evaluators.distill import shared_teacher, teacher_key
+
+        settings = self.compression
+        if settings.teacher_candidate is not None:
+            try:
+                candidate = self.space.architecture(settings.teacher_candidate)  # type: ignore[attr-defined]
+            except ValueError as exc:
+                raise ValueError(f"compression.distill.teacher_candidate: {exc}") from None
+        else:
+            largest = getattr(self.space, "largest", None)
+            if largest is None:
+                raise ValueError(f"compression.distill.teacher_candidate: {type(self.space).__name__} has no largest "
+                                 "network to train as teacher; allowed: a candidate of the space")
+            candidate = largest()
+        fit = {"lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay, "accelerator": self.accelerator}
+        recipe = {"candidate": candidate, "epochs": settings.teacher_epochs, "seed": self.seed, **fit,
+                  "space": type(self.space).__name__}
+        key = teacher_key(str(self.data.fingerprint), recipe)
+        name = f"teacher-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shared = Path(settings.cache_dir) if settings.cache_dir else None
+        if shared is not None and (shared / f"{name}.onnx").is_file() and not (folder / f"{name}.onnx").is_file():
+            for suffix in (".json", ".onnx"):  # the .onnx last: it is what marks the teacher there
+                if (shared / f"{name}{suffix}").is_file():
+                    shutil.copyfile(shared / f"{name}{suffix}", folder / f"{name}{suffix}")
+        shape, classes = self.data.input_shape, self.data.num_classes
+        path = shared_teacher(
+            lambda: self.space.build(candidate, shape, classes), self.data, cache_dir=folder, key=key,
+            epochs=settings.teacher_epochs, seed=self.seed, fit_kwargs={**fit, "compute_slot": False}, progress=progress,
+            settings=recipe,
+            opset=self.opset,
+        )
+        if shared is not None and not (shared / f"{name}.onnx").is_file():
+            shared.mkdir(parents=True, exist_ok=True)
+            for suffix in (".json", ".onnx"):
+                if (folder / f"{name}{suffix}").is_file():
+                    tmp = shared / f".{name}{suffix}.part"
+                    shutil.copyfile(folder / f"{name}{suffix}", tmp)
+                    tmp.replace(shared / f"{name}{suffix}")
+        return path, {"key": key, "candidate": candidate, "epochs": settings.teacher_epochs}
+
+    def distillation(self, candidate: dict[str, Any]) -> Distillation | None:
+        """How the candidate learns from the teacher: its distill.* values over compression.distill's."""
+        if self.compression.teacher is None:
+            return None
+        if self.teacher is None:
+            raise RuntimeError("compression.distill.teacher: train, but the teacher was not prepared "
+                               "(PipelineEvaluator.prepare_teacher runs before any trial)")
+        from hwnas.evaluators.distill import Distillation
+
+        values = {"temperature": self.compression.temperature, "weight": self.compression.weight, **distill_values(candidate)}
+        return Distillation(teacher=self.teacher, temperature=values["temperature"], weight=values["weight"])
 
     def evaluate_file(self, path: str | Path, split: str) -> float:
         """ORT accuracy of any ONNX file on the 'val' or 'test' split of this evaluator's data.
@@ -271,7 +393,15 @@ class PipelineEvaluator:
             "epochs": self.epochs, "lr": self.lr, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
             "momentum": DEFAULT_MOMENTUM, "label_smoothing": 0.0, "batch_size": None,
         }
-        return {**defaults, **training_values(candidate)}
+        out = {**defaults, **training_values(candidate)}
+        if self.compression.teacher is not None:  # how the teacher's soft targets weigh in (card: training)
+            values = {"temperature": self.compression.temperature, "weight": self.compression.weight,
+                      **distill_values(candidate)}
+            out["distill"] = {**values, "teacher_sha256": (self.teacher_info or {}).get("sha256")}
+        if self.compression.qat_epochs and candidate.get("quant") == "int8":
+            out["qat"] = {"epochs": self.compression.qat_epochs,
+                          "lr": out["lr"] * self.compression.qat_lr_scale}
+        return out
 
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
@@ -303,11 +433,9 @@ class PipelineEvaluator:
             with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
                 for split in EVAL_SPLITS:
                     x, y = self.data.arrays(split)
-                    score = float(onnx_accuracy(made.artifact, x, y))
-                    metrics[f"{split}_accuracy"] = score
-                    metrics[f"float_{split}_accuracy"] = (
-                        float(onnx_accuracy(made.twin, x, y)) if made.twin is not None else score
-                    )
+                    for prefix, score in made.scores(x, y).items():
+                        metrics[f"{prefix}{split}_accuracy"] = score
+                made.drop_ptq()
             metrics["total_s"] = time.perf_counter() - start
             metrics["data_load_s"] = made.data_load_s
         metrics.update(made.metrics())
@@ -355,9 +483,13 @@ class PipelineEvaluator:
         artifact = made.artifact
         with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
             x_val, y_val = self.data.arrays("val")
-            val_accuracy = float(onnx_accuracy(artifact, x_val, y_val))
-            # The fp32 twin's accuracy: what compression cost (fp32 is its own twin, not scored twice).
-            float_val_accuracy = float(onnx_accuracy(made.twin, x_val, y_val)) if made.twin is not None else val_accuracy
+            # The fp32 twin's accuracy: what compression cost (fp32 is its own twin, not scored twice); with
+            # QAT also the PTQ file's: what quantization-aware training won back.
+            scores = made.scores(x_val, y_val)
+            val_accuracy, float_val_accuracy = scores[""], scores["float_"]
+            if "ptq_" in scores:
+                metrics["ptq_val_accuracy"] = scores["ptq_"]
+            made.drop_ptq()
         with _timed(metrics, "latency"), self._deadline_only("latency"):
             stats, how = self.latency.measure(
                 artifact, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
@@ -436,7 +568,7 @@ class PipelineEvaluator:
             steps: list[int] = []
             model = self._fit(model, epochs, seed, split, candidate, steps)
         # Skipped steps report 0 s so that every trial has the same metric columns.
-        metrics["prune_s"] = metrics["finetune_s"] = metrics["factorize_s"] = 0.0
+        metrics["prune_s"] = metrics["finetune_s"] = metrics["factorize_s"] = metrics["qat_s"] = 0.0
         # Low-rank factorization of the trained layers (the space's stage<k>.rank_ratio), before pruning:
         # pruning then also thins the rank of each factorized pair; one fine-tuning recovers from both.
         ranks = getattr(self.space, "low_rank", lambda _c: {})(candidate)
@@ -474,12 +606,45 @@ class PipelineEvaluator:
             if fmt == "fp32":
                 # fp32 is its own twin: one file, the artifact measured and shipped.
                 twin.unlink()
+        ptq = None
+        if fmt == "int8" and self.compression.qat_epochs > 0:
+            ptq = self._quantization_aware(model, candidate, out_dir, example, metrics, seed, split)
         return _Made(
             artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
             num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
             data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before, train_steps=sum(steps),
-            factorized=factorized,
+            factorized=factorized, ptq=ptq,
         )
+
+    def _quantization_aware(
+        self, model: nn.Module, candidate: dict[str, Any], out_dir: Path, example: Any, metrics: dict[str, float],
+        seed: int, split: str,
+    ) -> Path:
+        """QAT (compression.qat_epochs): fine-tune `model` fake-quantized on the grids ORT's int8 file uses
+        (evaluators/qat.py), then quantize the result like any int8 file: same graph, same kernels, so the
+        latency is a PTQ file's and only the weights differ. The PTQ file already at out_dir/model.onnx
+        moves to model_ptq.onnx (returned; scored, then removed) and the QAT file takes its place."""
+        from hwnas.evaluators.onnx_export import export_onnx
+        from hwnas.evaluators.qat import prepare_qat, strip_qat
+        from hwnas.evaluators.quantize import compress_onnx
+
+        artifact, ptq = out_dir / ARTIFACT_NAME, out_dir / "model_ptq.onnx"
+        keep_float = getattr(self.space, "float_modules", lambda _c: [])(candidate)
+        with _timed(metrics, "qat"), self._deadline_only("qat"):
+            artifact.replace(ptq)
+            fake = prepare_qat(model, keep_float=keep_float, full_range=self.latency.int8_full_range)
+            fake = self._fit(fake, self.compression.qat_epochs, seed + 2, split, candidate,
+                             lr_scale=self.compression.qat_lr_scale)
+            trained = out_dir / "model_qat_fp32.onnx"
+            with self._computing():
+                export_onnx(strip_qat(fake), example, trained, opset=self.opset)
+                compress_onnx(
+                    trained, "int8", self.data.sample(split, self.calibration_samples, seed), artifact,
+                    int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
+                    fingerprint=self.latency.fingerprint() or None, keep_float=keep_float,
+                )
+            trained.unlink()
+        return ptq
 
     # -- helpers --------------------------------------------------------------------------------
     def _arch_name(self, candidate: dict[str, Any]) -> str:
@@ -539,10 +704,11 @@ class PipelineEvaluator:
 
     def _fit(
         self, model: nn.Module, epochs: int, seed: int, split: str = "train", candidate: dict[str, Any] | None = None,
-        steps: list[int] | None = None,
+        steps: list[int] | None = None, lr_scale: float = 1.0,
     ) -> nn.Module:
-        """Train for `epochs` with the candidate's training settings (training_settings) but its epochs;
-        the optimizer steps taken are appended to `steps` when given."""
+        """Train for `epochs` with the candidate's training settings (training_settings) but its epochs, the
+        learning rate times `lr_scale` (QAT's), learning from the teacher when there is one; the optimizer
+        steps taken are appended to `steps` when given."""
         from hwnas.evaluators.train import fit
 
         settings = self.training_settings(candidate or {})
@@ -550,7 +716,8 @@ class PipelineEvaluator:
             model,
             self.data,
             epochs=epochs,
-            lr=settings["lr"],
+            lr=settings["lr"] * lr_scale,
+            distill=self.distillation(candidate or {}),
             optimizer=settings["optimizer"],
             weight_decay=settings["weight_decay"],
             label_smoothing=settings["label_smoothing"],

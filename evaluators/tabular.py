@@ -87,8 +87,8 @@ class TabularEvaluator:
         self.key = key
         self.space = space
         if getattr(space, "train", None):  # a table was made with one training recipe: knobs would do nothing
-            raise ValueError("space.train: training knobs are set, but a benchmark table trains nothing; "
-                             "allowed: space.train=null with evaluator=tabular")
+            raise ValueError("space.train: training knobs are set (space.train or space.distill), but a benchmark "
+                             "table trains nothing; allowed: space.train=null and space.distill=null with evaluator=tabular")
         if not isinstance(table, (str, Path)) or not str(table).strip():
             raise ValueError(f"evaluator.table: {table!r} is not allowed; allowed: the path of {TABLE_ALLOWED}")
         if not isinstance(key, str) or not key.strip():

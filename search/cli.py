@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, NoReturn
 from omegaconf import DictConfig, OmegaConf
 
 from hwnas.search.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
-from hwnas.search.launch import compose, driver_threads, prepare, prepare_data, quiet_warnings
+from hwnas.search.launch import (
+    compose,
+    driver_threads,
+    prepare,
+    prepare_data,
+    prepare_teacher,
+    quiet_warnings,
+)
 
 if TYPE_CHECKING:
     from hwnas.search.tracking import Tracking
@@ -138,7 +145,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         # The data the run was made with (its fingerprint is pinned in config.yaml), decoded into a
         # fresh private folder: nothing decoded in the handed-over run folder, or in a shared temp
         # folder someone else could write, is trusted (dataset.cache_dir, the user's own, is).
-        built.data = prepare_data(built, _private_cache())
+        private = _private_cache()
+        built.data = prepare_data(built, private)
+        # A trained teacher is trained again into the private folder (or taken from the user's own
+        # compression.distill.cache_dir): one in the handed-over folder is not trusted either.
+        prepare_teacher(built, private)
         _check_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))

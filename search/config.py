@@ -24,7 +24,7 @@ from hwnas.evaluators.measure.base import PLAN_KEYS  # conf/hardware keys that a
 # The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
 CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
 GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
-TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", "warm_start", *GROUPS}
+TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", "warm_start", "compression", *GROUPS}
 MODES = ("max", "min")
 
 
@@ -214,6 +214,9 @@ def _check_values(cfg: DictConfig, plugins: Sequence[str]) -> None:
     for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
         check_target_kwargs(cfg[group], group, plugins)
         checks.check_group(cfg[group], group)
+    from hwnas.evaluators.compression_options import from_config as compression_settings
+
+    compression_settings(cfg.get("compression"))  # one line naming the key on a bad value
     from hwnas.search.warm_start import check_warm_start
 
     check_warm_start(cfg, plugins)  # an earlier sweep of the same space, read as untrusted input

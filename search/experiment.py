@@ -89,12 +89,20 @@ def build_experiment(cfg: DictConfig) -> Built:
     latency = build_latency(cfg, objectives)
     data = _build("dataset", cfg.dataset)
     evaluator_factory = _build("evaluator", cfg.evaluator)
-    offered = {"space": space, "data": data, "latency": latency, "seed": cfg.seed, "objectives": objectives}
+    from hwnas.evaluators.compression_options import from_config as compression_settings
+
+    compression = compression_settings(cfg.get("compression"))
+    offered = {"space": space, "data": data, "latency": latency, "seed": cfg.seed, "objectives": objectives,
+               "compression": compression}
+    if "compression" not in _accepted(evaluator_factory, offered) and not compression.is_default:
+        raise ConfigError(f"compression: {cfg.evaluator._target_} does not train, so it cannot compress by training; "
+                          "allowed: the compression defaults (qat_epochs 0, distill.teacher null) with this evaluator")
     try:
         evaluator = evaluator_factory(**_accepted(evaluator_factory, offered))
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(text if text.startswith("evaluator.") else f"evaluator: {text}") from None
+        # A message naming its key already (evaluator.*, or compression.* / space.* the evaluator checks) keeps it.
+        raise ConfigError(text if text.startswith(("evaluator.", "compression.", "space.")) else f"evaluator: {text}") from None
     _check_interface("evaluator", evaluator, cfg.evaluator._target_)
     reported = getattr(evaluator, "metric_names", None)
     if reported is not None:
@@ -219,7 +227,11 @@ def _same_setting(saved: dict[str, Any], now: dict[str, Any], key: str) -> bool:
     a run folder made before a knob existed resumes with that knob off."""
     a, b = saved.get(key, ABSENT), now.get(key, ABSENT)
     if a is ABSENT or b is ABSENT:
+        from hwnas.evaluators.compression_options import OFF_DEFAULTS
+
         other = b if a is ABSENT else a
+        if key in OFF_DEFAULTS:  # compression.*: a knob whose off setting is not null (qat_epochs: 0)
+            return bool(other == OFF_DEFAULTS[key])
         return other is None or other is False or other == [] or other == {}
     return bool(a == b)
 

@@ -78,6 +78,7 @@ def prepare(cfg: DictConfig) -> Built:
     made = [d for d in dict.fromkeys((Path(cfg.run_dir), cache_root.parent)) if not d.exists()]
     try:
         built.data = prepare_data(built, cache_root)
+        prepare_teacher(built, cache_root)
         start = getattr(built.runner, "start", None)
         if start is not None:
             warm = _warm_up(cfg)
@@ -136,6 +137,23 @@ def prepare_data(built: Built, cache_root: Path) -> dict[str, Any] | None:
             built.cfg.dataset.fingerprint = summary["fingerprint"]
     print(f"[hwnas] data: {describe_data(summary)}")
     return summary
+
+
+def prepare_teacher(built: Built, cache_root: Path) -> dict[str, Any] | None:
+    """The distillation teacher (compression.distill.teacher), once the data is known: a user's file checked
+    against the data, or one trained on the train split into `cache_root`/teachers (reused when there).
+    Trials record its sha256 with their training settings (training.distill). None without one."""
+    prepare = getattr(built.sweep.evaluator, "prepare_teacher", None)
+    if prepare is None:
+        return None
+    try:
+        info = prepare(cache_root / "teachers", progress=lambda line: print(line, flush=True))
+    except ValueError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    if info is None:
+        return None
+    print(f"[hwnas] distillation teacher: {info['path']} (sha256 {info['sha256'][:12]})")
+    return dict(info)
 
 
 def _data_os_error(exc: OSError, cfg: DictConfig) -> str:

@@ -139,6 +139,7 @@ class MacroCNNSpace:
         prune_ratios: list[float],
         quant: list[str],
         train: Mapping[str, Any] | None = None,
+        distill: Mapping[str, Any] | None = None,
         stage_precision: bool = False,
         rank_ratios: list[float] | None = None,
     ) -> None:
@@ -160,7 +161,7 @@ class MacroCNNSpace:
         self.stem_stride = stem_stride
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
-        self.train = from_config(train)
+        self.train = from_config(train, distill)  # train.* and distill.* knobs
         if not isinstance(stage_precision, bool):
             raise ValueError(f"space.stage_precision: {stage_precision!r} is not a boolean; allowed: true, false")
         if stage_precision and "int8" not in self.quant:
@@ -261,6 +262,17 @@ class MacroCNNSpace:
             candidate = check_params({**params, "prune_ratio": 0.0, "quant": "fp32"}, decisions, wanted)
             out.setdefault(self.name(candidate), candidate)
         return list(out.items())
+
+    def largest(self) -> dict[str, Any]:
+        """The space's largest network (most stages, deepest, widest, largest kernel; plain convolutions where
+        allowed): the default distillation teacher (compression.distill.teacher: train)."""
+        n_stages = max(self.n_stages)
+        block = "conv" if "conv" in self.block_choices else self.block_choices[-1]
+        arch: dict[str, Any] = {"n_stages": n_stages}
+        for i in range(1, n_stages + 1):
+            arch.update({f"stage{i}.depth": max(self.depths), f"stage{i}.width": max(self.widths),
+                         f"stage{i}.kernel": max(self.kernels), f"stage{i}.block": block})
+        return arch
 
     def checked_n_stages(self, params: Mapping[str, Any]) -> int:
         if "n_stages" not in params:

@@ -130,6 +130,7 @@ class NB201Space:
     def __init__(
         self, ops: list[str], C: int, N: int, prune_ratios: list[float], quant: list[str],
         train: Mapping[str, Any] | None = None,
+        distill: Mapping[str, Any] | None = None,
     ) -> None:
         self.ops = choice_list("ops", ops)
         for op in self.ops:
@@ -139,7 +140,7 @@ class NB201Space:
         self.N = positive_int("N", N)
         self.prune_ratios = prune_ratio_choices(prune_ratios)
         self.quant = quant_choices(quant)
-        self.train = from_config(train)
+        self.train = from_config(train, distill)  # train.* and distill.* knobs
 
     def decisions(self) -> dict[str, list[Any]]:
         """Every edge and compression parameter the space can ever sample -> its choices (copies); the

@@ -60,7 +60,8 @@ def test_retrain_writes_the_model_and_its_twin_and_scores_both(evaluator, retrai
     assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", *(["model_fp32.onnx"] if compressed else [])]
     m = ev.metrics
     # init_* only with evaluator.init_from (not set here); lowrank_layers only with the space's rank knob on
-    assert set(m) == RETRAIN_METRIC_NAMES - {"init_loaded_tensors", "init_skipped_tensors", "lowrank_layers"}
+    assert set(m) == RETRAIN_METRIC_NAMES - {"init_loaded_tensors", "init_skipped_tensors", "lowrank_layers",
+                                            "ptq_val_accuracy", "ptq_test_accuracy"}  # ptq_*: QAT only
     assert all(isinstance(v, float) for v in m.values())
     for key in ("test_accuracy", "float_test_accuracy", "val_accuracy", "float_val_accuracy"):
         assert 0.0 <= m[key] <= 1.0
