@@ -1,6 +1,7 @@
 """The `compression:` block: compression done by training (issue 13, items 2 and 3), checked without torch.
 
     compression:
+      pin_first_last: true   # int8: the first conv and the classifier stay fp32 (false: quantized too)
       qat_epochs: 0          # int8 candidates: epochs of quantization-aware fine-tuning after PTQ (0: PTQ only)
       qat_lr_scale: 0.1      # QAT's learning rate = the candidate's lr x this
       distill:
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEYS = ("qat_epochs", "qat_lr_scale", "distill")
+KEYS = ("pin_first_last", "qat_epochs", "qat_lr_scale", "distill")
 DISTILL_KEYS = ("teacher", "temperature", "weight", "teacher_epochs", "teacher_candidate", "cache_dir")
 TRAIN_TEACHER = "train"
 # Every key's off default, flattened as a run folder's config.yaml is compared on resume
 # (search/experiment._same_setting): a folder made before the block existed resumes with it off.
 OFF_DEFAULTS: dict[str, Any] = {
+    "compression.pin_first_last": True,
     "compression.qat_epochs": 0,
     "compression.qat_lr_scale": 0.1,
     "compression.distill.teacher": None,
@@ -43,6 +45,7 @@ MAX_EPOCHS = 10_000
 
 @dataclass(frozen=True)
 class CompressionSettings:
+    pin_first_last: bool = True
     qat_epochs: int = 0
     qat_lr_scale: float = 0.1
     teacher: str | None = None  # None, "train", or the path of an ONNX file
@@ -110,7 +113,11 @@ def from_config(node: Any) -> CompressionSettings:
     cache_dir = distill.get("cache_dir")
     if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir.strip()):
         raise ValueError(f"compression.distill.cache_dir: {cache_dir!r} is not allowed; allowed: null or a folder path")
+    pin = node.get("pin_first_last", True)
+    if not isinstance(pin, bool):
+        raise ValueError(f"compression.pin_first_last: {pin!r} is not allowed; allowed: true, false")
     return CompressionSettings(
+        pin_first_last=pin,
         qat_epochs=_int("qat_epochs", node.get("qat_epochs", 0), 0),
         qat_lr_scale=_float("qat_lr_scale", node.get("qat_lr_scale", 0.1), lambda v: v > 0, "a finite float > 0"),
         teacher=teacher,

@@ -602,6 +602,7 @@ class PipelineEvaluator:
                 fingerprint=self.latency.fingerprint() or None,
                 # Per-stage precision (space.stage_precision): the stages that stay float in an int8 file.
                 keep_float=getattr(self.space, "float_modules", lambda _c: [])(candidate),
+                pin_first_last=self.compression.pin_first_last,
             )
             if fmt == "fp32":
                 # fp32 is its own twin: one file, the artifact measured and shipped.
@@ -632,7 +633,8 @@ class PipelineEvaluator:
         keep_float = getattr(self.space, "float_modules", lambda _c: [])(candidate)
         with _timed(metrics, "qat"), self._deadline_only("qat"):
             artifact.replace(ptq)
-            fake = prepare_qat(model, keep_float=keep_float, full_range=self.latency.int8_full_range)
+            fake = prepare_qat(model, keep_float=keep_float, full_range=self.latency.int8_full_range,
+                               pin_first_last=self.compression.pin_first_last)
             fake = self._fit(fake, self.compression.qat_epochs, seed + 2, split, candidate,
                              lr_scale=self.compression.qat_lr_scale)
             trained = out_dir / "model_qat_fp32.onnx"
@@ -642,6 +644,7 @@ class PipelineEvaluator:
                     trained, "int8", self.data.sample(split, self.calibration_samples, seed), artifact,
                     int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
                     fingerprint=self.latency.fingerprint() or None, keep_float=keep_float,
+                    pin_first_last=self.compression.pin_first_last,
                 )
             trained.unlink()
         return ptq

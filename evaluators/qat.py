@@ -188,13 +188,15 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[name] = new
 
 
-def prepare_qat(model: nn.Module, *, keep_float: Sequence[str] = (), full_range: bool) -> nn.Module:
+def prepare_qat(
+    model: nn.Module, *, keep_float: Sequence[str] = (), full_range: bool, pin_first_last: bool = True
+) -> nn.Module:
     """A copy of `model` with BatchNorms folded and ORT's int8 grids simulated where ORT will quantize.
 
     Quantized like `compress_onnx(..., "int8", int8_full_range=full_range, keep_float=keep_float)`
     does: every Conv2d and Linear except the first Conv2d and the last Linear in module order (the
-    exported graph's first Conv and last Gemm) and those under the top-level children `keep_float`.
-    Train it, then `strip_qat` it.
+    exported graph's first Conv and last Gemm; both quantized too with `pin_first_last=False`) and those
+    under the top-level children `keep_float`. Train it, then `strip_qat` it.
     """
     children = [name for name, _ in model.named_children()]
     for name in keep_float:
@@ -209,7 +211,7 @@ def prepare_qat(model: nn.Module, *, keep_float: Sequence[str] = (), full_range:
     layers = [(path, m) for path, m in qat.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     convs = [path for path, m in layers if isinstance(m, nn.Conv2d)]
     linears = [path for path, m in layers if isinstance(m, nn.Linear)]
-    excluded = set(convs[:1] + linears[-1:])
+    excluded = set(convs[:1] + linears[-1:]) if pin_first_last else set()
     for path, layer in layers:
         # type() is exact: a QAT layer (prepared twice) or another subclass with its own forward is left as is.
         if path in excluded or path.split(".")[0] in keep_float or type(layer) not in (nn.Conv2d, nn.Linear):

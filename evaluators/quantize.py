@@ -48,7 +48,8 @@ class _ArrayReader(CalibrationDataReader):
 
 
 def _quantize_static(
-    fp32_path: Path, out_path: Path, calibration: np.ndarray, full_range: bool, keep_float: Sequence[str] = ()
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, full_range: bool, keep_float: Sequence[str] = (),
+    pin_first_last: bool = True,
 ) -> None:
     if calibration.ndim != 4 or len(calibration) == 0:
         raise ValueError(
@@ -60,7 +61,7 @@ def _quantize_static(
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         graph = onnx.load(str(pre), load_external_data=False).graph
-        excluded = first_and_last_layers(graph)
+        excluded = first_and_last_layers(graph) if pin_first_last else []
         excluded += [n for n in module_nodes(graph, keep_float) if n not in excluded]
         quantize_static(
             str(pre),
@@ -235,6 +236,7 @@ def compress_onnx(
     provider: str = "cpu",
     fingerprint: dict | None = None,
     keep_float: Sequence[str] = (),
+    pin_first_last: bool = True,
 ) -> Path:
     """Write `fp32_path` compressed to `fmt` at `out_path` for a target, and return that path.
 
@@ -253,6 +255,7 @@ def compress_onnx(
     `keep_float` (int8 only): top-level module names of the exported torch model (a macro-CNN stage's
     index, `MacroCNNSpace.float_modules`) whose nodes stay float32 too: per-stage precision, the file
     holds exactly that mix (`module_nodes`). Refused for another format, where it would mean nothing.
+    `pin_first_last=False` (compression.pin_first_last) quantizes the first conv and the classifier too.
     """
     if fmt not in FORMATS:
         raise ValueError(f"quant={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
@@ -274,7 +277,8 @@ def compress_onnx(
         half.topological_sort()
         onnx.save(half.model, str(out_path))
     elif fmt == "int8":
-        _quantize_static(fp32_path, out_path, calibration, full_range=int8_full_range, keep_float=keep_float)
+        _quantize_static(fp32_path, out_path, calibration, full_range=int8_full_range, keep_float=keep_float,
+                         pin_first_last=pin_first_last)
     elif _int4_weight_only(fp32_path, out_path) == 0:
         raise ValueError(
             "quant='int4' has nothing to compute in int4 for this model: it has no linear layer "

@@ -98,6 +98,25 @@ def test_final_training_runs_qat_and_reports_ptq_on_both_splits(tmp_path: Path) 
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["model.onnx", "model_fp32.onnx"]
 
 
+def _quantized_nodes(path: Path) -> Counter:
+    """Conv / Gemm nodes whose weight comes from a DequantizeLinear (what int8 computes), by op type."""
+    graph = onnx.load(str(path)).graph
+    dq_out = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return Counter(n.op_type for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq_out)
+
+
+def test_pin_first_last_false_quantizes_the_stem_and_the_classifier_too(tmp_path: Path) -> None:
+    from hwnas.evaluators.qat import prepare_qat, qat_layers
+
+    pinned = _evaluator().evaluate(INT8, tmp_path / "pinned")
+    free = _evaluator(pin_first_last=False, qat_epochs=1).evaluate(INT8, tmp_path / "free")
+    assert _quantized_nodes(Path(pinned.artifact)) == Counter({"Conv": 2})  # the two stage convs
+    assert _quantized_nodes(Path(free.artifact)) == Counter({"Conv": 3, "Gemm": 1})  # + stem and classifier
+    model = macro_space().build(INT8, (1, 12, 12), 4)
+    assert len(qat_layers(prepare_qat(model, full_range=True, pin_first_last=False))) == 4
+    assert len(qat_layers(prepare_qat(model, full_range=True))) == 2
+
+
 # ---- distillation in a trial ----
 
 
@@ -146,7 +165,8 @@ def test_a_teacher_that_does_not_fit_the_data_is_refused_before_training(tmp_pat
         ({"distill": {"teacher": ""}}, "compression.distill.teacher: '' is not allowed"),
         ({"distill": {"teacher_epochs": 0}}, "compression.distill.teacher_epochs: 0 is not allowed"),
         ({"distill": {"tmperature": 2}}, "compression.distill.tmperature: unknown key"),
-        ({"qat": 1}, "compression.qat: unknown key; allowed: qat_epochs, qat_lr_scale, distill"),
+        ({"qat": 1}, "compression.qat: unknown key; allowed: pin_first_last, qat_epochs, qat_lr_scale, distill"),
+        ({"pin_first_last": "yes"}, "compression.pin_first_last: 'yes' is not allowed; allowed: true, false"),
     ],
 )
 def test_bad_compression_values_refused_in_one_line(node: dict[str, Any], message: str) -> None:
@@ -156,7 +176,7 @@ def test_bad_compression_values_refused_in_one_line(node: dict[str, Any], messag
 
 
 def test_a_run_folder_without_the_block_resumes_with_it_off() -> None:
-    now = flatten({"compression": {"qat_epochs": 0, "qat_lr_scale": 0.1, "distill": {
+    now = flatten({"compression": {"pin_first_last": True, "qat_epochs": 0, "qat_lr_scale": 0.1, "distill": {
         "teacher": None, "temperature": 4.0, "weight": 0.5, "teacher_epochs": 10, "teacher_candidate": None,
         "cache_dir": None}}})
     assert all(_same_setting({}, now, key) for key in now)
