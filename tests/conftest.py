@@ -114,6 +114,22 @@ def mlflow_runs(uri: str, experiment: str) -> tuple[list, list]:
     return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("hwnas.role") != "export"]
 
 
+def assert_trial_runs_match(uri: str, experiment: str, rows: list[dict], params: Iterable[str] = (),
+                            metrics: Iterable[str] = ()) -> None:
+    """One ended MLflow child run per recorded trial, each holding its trial's candidate values (`params`) and
+    metrics (`metrics`) as the trial record has them."""
+    by_number = {r["number"]: r for r in rows}
+    _, children = mlflow_runs(uri, experiment)
+    ended = [c for c in children if c.info.status in ("FINISHED", "FAILED")]
+    assert len(ended) == len(rows)
+    for c in ended:
+        row = by_number[int(c.data.tags["trial"])]
+        for name in params:
+            assert float(c.data.params[name]) == row["candidate"][name], (name, c.data.params)
+        for name in metrics:
+            assert float(c.data.metrics[name]) == row["metrics"][name], (name, c.data.metrics)
+
+
 def export_runs(uri: str, experiment: str) -> list:
     """The export runs of an MLflow experiment (children of their sweep's parent run)."""
     from mlflow.tracking import MlflowClient

@@ -18,7 +18,13 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from conftest import hwnas, hwnas_export, kill_after_first_trial_then_resume, mlflow_runs, output_of
+from conftest import (
+    assert_trial_runs_match,
+    hwnas,
+    hwnas_export,
+    kill_after_first_trial_then_resume,
+    output_of,
+)
 from test_layer_precision import macro_space
 
 from hwnas.evaluators.compression_options import CompressionSettings, from_config
@@ -244,14 +250,8 @@ def test_compress_all_sweep_records_qat_and_distillation_and_resumes(tmp_path: P
         assert column in trials.columns, list(trials.columns)
     assert trials["distill.temperature"].isin([2.0, 4.0]).all()
     assert trials["distill.weight"].between(0.3, 0.9).all()
-    by_number = {r["number"]: r for r in rows}
-    _, children = mlflow_runs(uri, "hwnas-compress_all")
-    ended = [c for c in children if c.info.status in ("FINISHED", "FAILED")]
-    assert len(ended) == n
-    for c in ended:
-        row = by_number[int(c.data.tags["trial"])]
-        assert float(c.data.params["distill.temperature"]) == row["candidate"]["distill.temperature"]
-        assert float(c.data.metrics["ptq_val_accuracy"]) == row["metrics"]["ptq_val_accuracy"]
+    assert_trial_runs_match(uri, "hwnas-compress_all", rows, params=["distill.temperature", "distill.weight"],
+                            metrics=["ptq_val_accuracy"])
 
     export = hwnas_export(f"run_dir={run_dir}", "final.epochs=1", timeout=300)
     assert export.returncode == 0, output_of(export)

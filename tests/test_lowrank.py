@@ -19,9 +19,9 @@ import torch
 import yaml
 from conftest import (
     ROOT,
+    assert_trial_runs_match,
     hwnas,
     kill_after_first_trial_then_resume,
-    mlflow_runs,
     output_of,
 )
 from torch import nn
@@ -272,11 +272,4 @@ def test_sweep_records_the_knob_and_resumes_with_it(tmp_path: Path) -> None:
         for i in range(1, int(row["n_stages"]) + 1):
             assert row[f"stage{i}.rank_ratio"] in (0.5, 0.25)
     assert all(r["metrics"]["lowrank_layers"] >= 1 for r in rows), rows
-    by_number = {r["number"]: r for r in rows}
-    _, children = mlflow_runs(uri, "hwnas-compress_all")
-    ended = [c for c in children if c.info.status in ("FINISHED", "FAILED")]
-    assert len(ended) == n
-    for c in ended:
-        row = by_number[int(c.data.tags["trial"])]
-        assert float(c.data.params["stage1.rank_ratio"]) == row["candidate"]["stage1.rank_ratio"]
-        assert float(c.data.metrics["lowrank_layers"]) == row["metrics"]["lowrank_layers"]
+    assert_trial_runs_match(uri, "hwnas-compress_all", rows, params=["stage1.rank_ratio"], metrics=["lowrank_layers"])
