@@ -143,6 +143,7 @@ def test_distillation_from_a_users_onnx_teacher_changes_training_and_is_recorded
     with_teacher = taught.evaluate(fp32, tmp_path / "taught")
     # Same seed, same data order: only the teacher's soft targets differ, so the weights do.
     assert _differ(_weights(Path(plain.artifact)), _weights(Path(with_teacher.artifact)))
+    assert _ops(Path(plain.artifact)) == _ops(Path(with_teacher.artifact))  # the teacher changes no node
     assert with_teacher.info["training"]["distill"] == {"temperature": 2.0, "weight": 0.9,
                                                         "teacher_sha256": taught.teacher.sha256}
     # A candidate's searched values win over compression.distill's.
