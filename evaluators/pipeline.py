@@ -359,6 +359,8 @@ class PipelineEvaluator:
         from hwnas.evaluators.distill import Distillation
 
         values = {"temperature": self.compression.temperature, "weight": self.compression.weight, **distill_values(candidate)}
+        if values["weight"] == 0:  # the teacher's share is nil: the same training without running it per batch
+            return None
         return Distillation(teacher=self.teacher, temperature=values["temperature"], weight=values["weight"])
 
     def evaluate_file(self, path: str | Path, split: str) -> float:

@@ -148,6 +148,9 @@ def test_distillation_from_a_users_onnx_teacher_changes_training_and_is_recorded
                                                         "teacher_sha256": taught.teacher.sha256}
     # A candidate's searched values win over compression.distill's.
     assert taught.training_settings({**fp32, "distill.temperature": 8.0})["distill"]["temperature"] == 8.0
+    # Weight 0 is distillation off: the teacher is not run at all (the same weights, as tests/test_distill.py shows).
+    assert taught.distillation({**fp32, "distill.weight": 0.0}) is None
+    assert taught.distillation({**fp32, "distill.weight": 0.5}).weight == 0.5
 
 
 def test_a_teacher_that_does_not_fit_the_data_is_refused_before_training(tmp_path: Path) -> None:
