@@ -347,7 +347,9 @@ class PipelineEvaluator:
                     tmp = shared / f".{name}{suffix}.part"
                     shutil.copyfile(folder / f"{name}{suffix}", tmp)
                     tmp.replace(shared / f"{name}{suffix}")
-        return path, {"key": key, "candidate": candidate, "epochs": settings.teacher_epochs}
+        record = json.loads(path.with_suffix(".json").read_text())  # shared_teacher's, beside the file
+        return path, {"key": key, "candidate": candidate, "epochs": settings.teacher_epochs,
+                      "val_accuracy": record.get("val_accuracy")}
 
     def distillation(self, candidate: dict[str, Any]) -> Distillation | None:
         """How the candidate learns from the teacher: its distill.* values over compression.distill's."""
