@@ -51,7 +51,7 @@ def test_missing_file_is_one_line_naming_it(tmp_path: Path) -> None:
 def test_training_knobs_with_a_table_are_refused(tmp_path: Path) -> None:
     make_table(tmp_path / "t.csv")
     knobs = NB201Space(ops=OPS, C=4, N=1, prune_ratios=[0.0], quant=["fp32"], train={"lr": [0.01, 0.1]})
-    with pytest.raises(ValueError, match=r"^space\.train: .*allowed: space\.train=null with evaluator=tabular$"):
+    with pytest.raises(ValueError, match=r"^space\.train: .*allowed: space\.train=null and space\.distill=null with evaluator=tabular$"):
         TabularEvaluator(str(tmp_path / "t.csv"), "arch", knobs)
 
 
