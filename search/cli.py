@@ -147,9 +147,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         # folder someone else could write, is trusted (dataset.cache_dir, the user's own, is).
         private = _private_cache()
         built.data = prepare_data(built, private)
-        # A trained teacher is trained again into the private folder (or taken from the user's own
-        # compression.distill.cache_dir): one in the handed-over folder is not trusted either.
-        prepare_teacher(built, private)
+        if final_epochs is not None:
+            # Final training learns from the teacher too: a trained one is trained again into the private
+            # folder (or taken from the user's own compression.distill.cache_dir), as one in the handed-over
+            # folder is not trusted either. Without final training the trial's file ships and no teacher is run.
+            prepare_teacher(built, private)
         _check_server(cfg, run_dir)
     except ConfigError as exc:
         return _fail("hwnas-export", str(exc))

@@ -257,6 +257,8 @@ def test_compress_all_sweep_records_qat_and_distillation_and_resumes(tmp_path: P
     assert_trial_runs_match(uri, "hwnas-compress_all", rows, params=["distill.temperature", "distill.weight"],
                             metrics=["ptq_val_accuracy"])
 
+    shipped = hwnas_export(f"run_dir={run_dir}", timeout=300)  # the trial's file ships: no teacher is run
+    assert shipped.returncode == 0 and "distillation teacher" not in shipped.stdout, output_of(shipped)
     export = hwnas_export(f"run_dir={run_dir}", "final.epochs=1", timeout=300)
     assert export.returncode == 0, output_of(export)
     assert "distillation teacher: training" in export.stdout  # trained again, privately
