@@ -164,6 +164,19 @@ class _Made:
         }
 
 
+def _copy_teacher(source: Path, dest: Path, name: str) -> None:
+    """A trained teacher's record and file from one folder to another (the run folder, compression.distill.cache_dir),
+    each written whole under a temporary name, the .onnx last: it is what marks the teacher there."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".onnx"):
+        if (source / f"{name}{suffix}").is_file():
+            tmp = dest / f".{name}{suffix}.part"
+            shutil.copyfile(source / f"{name}{suffix}", tmp)
+            tmp.replace(dest / f"{name}{suffix}")
+
+
 @contextmanager
 def _timed(metrics: dict[str, float], step: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -306,8 +319,6 @@ class PipelineEvaluator:
         return self.teacher_info
 
     def _train_teacher(self, folder: Path, progress: Any) -> tuple[Path, dict[str, Any]]:
-        import shutil
-
         from hwnas.evaluators.distill import shared_teacher, teacher_key
 
         settings = self.compression
@@ -330,9 +341,7 @@ class PipelineEvaluator:
         folder.mkdir(parents=True, exist_ok=True)
         shared = Path(settings.cache_dir) if settings.cache_dir else None
         if shared is not None and (shared / f"{name}.onnx").is_file() and not (folder / f"{name}.onnx").is_file():
-            for suffix in (".json", ".onnx"):  # the .onnx last: it is what marks the teacher there
-                if (shared / f"{name}{suffix}").is_file():
-                    shutil.copyfile(shared / f"{name}{suffix}", folder / f"{name}{suffix}")
+            _copy_teacher(shared, folder, name)
         shape, classes = self.data.input_shape, self.data.num_classes
         path = shared_teacher(
             lambda: self.space.build(candidate, shape, classes), self.data, cache_dir=folder, key=key,
@@ -341,15 +350,15 @@ class PipelineEvaluator:
             opset=self.opset,
         )
         if shared is not None and not (shared / f"{name}.onnx").is_file():
-            shared.mkdir(parents=True, exist_ok=True)
-            for suffix in (".json", ".onnx"):
-                if (folder / f"{name}{suffix}").is_file():
-                    tmp = shared / f".{name}{suffix}.part"
-                    shutil.copyfile(folder / f"{name}{suffix}", tmp)
-                    tmp.replace(shared / f"{name}{suffix}")
+            _copy_teacher(folder, shared, name)
         record = json.loads(path.with_suffix(".json").read_text())  # shared_teacher's, beside the file
         return path, {"key": key, "candidate": candidate, "epochs": settings.teacher_epochs,
                       "val_accuracy": record.get("val_accuracy")}
+
+    def _distill_values(self, candidate: dict[str, Any]) -> dict[str, float]:
+        """temperature and weight: the candidate's distill.* over compression.distill's."""
+        return {"temperature": self.compression.temperature, "weight": self.compression.weight,
+                **distill_values(candidate)}
 
     def distillation(self, candidate: dict[str, Any]) -> Distillation | None:
         """How the candidate learns from the teacher: its distill.* values over compression.distill's."""
@@ -360,7 +369,7 @@ class PipelineEvaluator:
                                "(PipelineEvaluator.prepare_teacher runs before any trial)")
         from hwnas.evaluators.distill import Distillation
 
-        values = {"temperature": self.compression.temperature, "weight": self.compression.weight, **distill_values(candidate)}
+        values = self._distill_values(candidate)
         if values["weight"] == 0:  # the teacher's share is nil: the same training without running it per batch
             return None
         return Distillation(teacher=self.teacher, temperature=values["temperature"], weight=values["weight"])
@@ -399,9 +408,7 @@ class PipelineEvaluator:
         }
         out = {**defaults, **training_values(candidate)}
         if self.compression.teacher is not None:  # how the teacher's soft targets weigh in (card: training)
-            values = {"temperature": self.compression.temperature, "weight": self.compression.weight,
-                      **distill_values(candidate)}
-            out["distill"] = {**values, "teacher_sha256": (self.teacher_info or {}).get("sha256")}
+            out["distill"] = {**self._distill_values(candidate), "teacher_sha256": (self.teacher_info or {}).get("sha256")}
         if self.compression.qat_epochs and candidate.get("quant") == "int8":
             out["qat"] = {"epochs": self.compression.qat_epochs,
                           "lr": out["lr"] * self.compression.qat_lr_scale}
@@ -546,7 +553,6 @@ class PipelineEvaluator:
             from hwnas.evaluators.onnx_export import export_onnx
             from hwnas.evaluators.profile import count_params_macs
             from hwnas.evaluators.prune import prune
-            from hwnas.evaluators.quantize import compress_onnx
 
         out_dir.mkdir(parents=True, exist_ok=True)
         seed = self.trial_seed(candidate)
@@ -600,20 +606,13 @@ class PipelineEvaluator:
             export_onnx(model, example, twin, opset=self.opset)
         with _timed(metrics, "compress"), check("compress"):
             calibration = dm.sample(split, self.calibration_samples, seed)
-            compress_onnx(
-                twin, fmt, calibration, artifact,
-                int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
-                fingerprint=self.latency.fingerprint() or None,
-                # Per-stage precision (space.stage_precision): the stages that stay float in an int8 file.
-                keep_float=getattr(self.space, "float_modules", lambda _c: [])(candidate),
-                pin_first_last=self.compression.pin_first_last,
-            )
+            self._compress(twin, fmt, calibration, artifact, candidate)
             if fmt == "fp32":
                 # fp32 is its own twin: one file, the artifact measured and shipped.
                 twin.unlink()
         ptq = None
         if fmt == "int8" and self.compression.qat_epochs > 0:
-            ptq = self._quantization_aware(model, candidate, out_dir, example, metrics, seed, split)
+            ptq = self._quantization_aware(model, candidate, out_dir, example, calibration, metrics, seed, split)
         return _Made(
             artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
             num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
@@ -621,9 +620,27 @@ class PipelineEvaluator:
             factorized=factorized, ptq=ptq,
         )
 
+    def _compress(
+        self, source: Path, fmt: str, calibration: np.ndarray, out: Path, candidate: dict[str, Any]
+    ) -> None:
+        """`source` (fp32 ONNX) compressed to `fmt` for this sweep's target at `out` (evaluators/quantize.py)."""
+        from hwnas.evaluators.quantize import compress_onnx
+
+        compress_onnx(
+            source, fmt, calibration, out,
+            int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
+            fingerprint=self.latency.fingerprint() or None,
+            # Per-stage precision (space.stage_precision): the stages that stay float in an int8 file.
+            keep_float=self._float_modules(candidate),
+            pin_first_last=self.compression.pin_first_last,
+        )
+
+    def _float_modules(self, candidate: dict[str, Any]) -> list[str]:
+        return list(getattr(self.space, "float_modules", lambda _c: [])(candidate))
+
     def _quantization_aware(
-        self, model: nn.Module, candidate: dict[str, Any], out_dir: Path, example: Any, metrics: dict[str, float],
-        seed: int, split: str,
+        self, model: nn.Module, candidate: dict[str, Any], out_dir: Path, example: Any, calibration: np.ndarray,
+        metrics: dict[str, float], seed: int, split: str,
     ) -> Path:
         """QAT (compression.qat_epochs): fine-tune `model` fake-quantized on the grids ORT's int8 file uses
         (evaluators/qat.py), then quantize the result like any int8 file: same graph, same kernels, so the
@@ -631,25 +648,18 @@ class PipelineEvaluator:
         moves to model_ptq.onnx (returned; scored, then removed) and the QAT file takes its place."""
         from hwnas.evaluators.onnx_export import export_onnx
         from hwnas.evaluators.qat import prepare_qat, strip_qat
-        from hwnas.evaluators.quantize import compress_onnx
 
         artifact, ptq = out_dir / ARTIFACT_NAME, out_dir / "model_ptq.onnx"
-        keep_float = getattr(self.space, "float_modules", lambda _c: [])(candidate)
         with _timed(metrics, "qat"), self._deadline_only("qat"):
             artifact.replace(ptq)
-            fake = prepare_qat(model, keep_float=keep_float, full_range=self.latency.int8_full_range,
+            fake = prepare_qat(model, keep_float=self._float_modules(candidate), full_range=self.latency.int8_full_range,
                                pin_first_last=self.compression.pin_first_last)
             fake = self._fit(fake, self.compression.qat_epochs, seed + 2, split, candidate,
                              lr_scale=self.compression.qat_lr_scale)
             trained = out_dir / "model_qat_fp32.onnx"
             with self._computing():
                 export_onnx(strip_qat(fake), example, trained, opset=self.opset)
-                compress_onnx(
-                    trained, "int8", self.data.sample(split, self.calibration_samples, seed), artifact,
-                    int8_full_range=self.latency.int8_full_range, provider=self.latency.target.provider,
-                    fingerprint=self.latency.fingerprint() or None, keep_float=keep_float,
-                    pin_first_last=self.compression.pin_first_last,
-                )
+                self._compress(trained, "int8", calibration, artifact, candidate)  # the PTQ file's calibration
             trained.unlink()
         return ptq
 
