@@ -27,19 +27,6 @@ from typing import Any
 KEYS = ("pin_first_last", "qat_epochs", "qat_lr_scale", "distill")
 DISTILL_KEYS = ("teacher", "temperature", "weight", "teacher_epochs", "teacher_candidate", "cache_dir")
 TRAIN_TEACHER = "train"
-# Every key's off default, flattened as a run folder's config.yaml is compared on resume
-# (search/experiment._same_setting): a folder made before the block existed resumes with it off.
-OFF_DEFAULTS: dict[str, Any] = {
-    "compression.pin_first_last": True,
-    "compression.qat_epochs": 0,
-    "compression.qat_lr_scale": 0.1,
-    "compression.distill.teacher": None,
-    "compression.distill.temperature": 4.0,
-    "compression.distill.weight": 0.5,
-    "compression.distill.teacher_epochs": 10,
-    "compression.distill.teacher_candidate": None,
-    "compression.distill.cache_dir": None,
-}
 MAX_EPOCHS = 10_000
 
 
@@ -62,6 +49,15 @@ class CompressionSettings:
     @property
     def trains_teacher(self) -> bool:
         return self.teacher == TRAIN_TEACHER
+
+
+_DEFAULT = CompressionSettings()
+# Every key's off default, flattened as a run folder's config.yaml is compared on resume
+# (search/experiment._same_setting): a folder made before the block existed resumes with it off.
+OFF_DEFAULTS: dict[str, Any] = {
+    **{f"compression.{key}": getattr(_DEFAULT, key) for key in KEYS if key != "distill"},
+    **{f"compression.distill.{key}": getattr(_DEFAULT, key) for key in DISTILL_KEYS},
+}
 
 
 def _int(key: str, value: Any, low: int) -> int:
@@ -113,17 +109,20 @@ def from_config(node: Any) -> CompressionSettings:
     cache_dir = distill.get("cache_dir")
     if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir.strip()):
         raise ValueError(f"compression.distill.cache_dir: {cache_dir!r} is not allowed; allowed: null or a folder path")
-    pin = node.get("pin_first_last", True)
+    pin = node.get("pin_first_last", _DEFAULT.pin_first_last)
     if not isinstance(pin, bool):
         raise ValueError(f"compression.pin_first_last: {pin!r} is not allowed; allowed: true, false")
     return CompressionSettings(
         pin_first_last=pin,
-        qat_epochs=_int("qat_epochs", node.get("qat_epochs", 0), 0),
-        qat_lr_scale=_float("qat_lr_scale", node.get("qat_lr_scale", 0.1), lambda v: v > 0, "a finite float > 0"),
+        qat_epochs=_int("qat_epochs", node.get("qat_epochs", _DEFAULT.qat_epochs), 0),
+        qat_lr_scale=_float("qat_lr_scale", node.get("qat_lr_scale", _DEFAULT.qat_lr_scale), lambda v: v > 0,
+                            "a finite float > 0"),
         teacher=teacher,
-        temperature=_float("distill.temperature", distill.get("temperature", 4.0), lambda v: v > 0, "a finite float > 0"),
-        weight=_float("distill.weight", distill.get("weight", 0.5), lambda v: 0 <= v <= 1, "a float 0 <= w <= 1"),
-        teacher_epochs=_int("distill.teacher_epochs", distill.get("teacher_epochs", 10), 1),
+        temperature=_float("distill.temperature", distill.get("temperature", _DEFAULT.temperature), lambda v: v > 0,
+                           "a finite float > 0"),
+        weight=_float("distill.weight", distill.get("weight", _DEFAULT.weight), lambda v: 0 <= v <= 1,
+                      "a float 0 <= w <= 1"),
+        teacher_epochs=_int("distill.teacher_epochs", distill.get("teacher_epochs", _DEFAULT.teacher_epochs), 1),
         teacher_candidate=dict(candidate) if candidate is not None else None,
         cache_dir=str(Path(cache_dir).expanduser()) if cache_dir is not None else None,
     )
