@@ -272,3 +272,74 @@ def knee_index(points: np.ndarray, directions: Sequence[str]) -> int:
     gain = 1.0 - scaled.sum(axis=1)
     best = np.flatnonzero(gain >= gain.max() - 1e-12)
     return int(front[best].min())
+
+
+# ----------------------------------------------------------------------------- order within a front
+
+
+def crowding_distance(front_min: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of the rows of one front (minimisation form); extremes get inf."""
+    n, m = front_min.shape
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(m):
+        order = np.argsort(front_min[:, j], kind="stable")
+        span = front_min[order[-1], j] - front_min[order[0], j]
+        distance[order[0]] = distance[order[-1]] = np.inf
+        if span > 0:
+            distance[order[1:-1]] += (front_min[order[2:], j] - front_min[order[:-2], j]) / span
+    return distance
+
+
+def eps_net_order(points_min: np.ndarray) -> np.ndarray:
+    """Position of each row in the greedy farthest-first order of an epsilon-net (Salinas et al. 2021).
+
+    Columns are scaled to [0, 1] over the rows (a constant column to 0) so no objective's units dominate
+    the distances. The first row taken is the smallest on the first column; each next one is the row
+    farthest (Euclidean) from all rows taken so far. Ties go to the smallest row index. Rows must be
+    finite. Returns positions: 0 for the row taken first.
+    """
+    q = np.asarray(points_min, dtype=float)
+    n = q.shape[0]
+    positions = np.zeros(n, dtype=int)
+    if n == 0:
+        return positions
+    lo, span = q.min(axis=0), q.max(axis=0) - q.min(axis=0)
+    scaled = np.where(span > 0, (q - lo) / np.where(span > 0, span, 1.0), 0.0)
+    taken = np.zeros(n, dtype=bool)
+    first = int(np.argmin(scaled[:, 0]))  # argmin/argmax return the first index of a tie
+    taken[first] = True
+    nearest = np.linalg.norm(scaled - scaled[first], axis=1)  # distance to the closest row taken
+    for position in range(1, n):
+        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
+        positions[pick] = position
+        taken[pick] = True
+        nearest = np.minimum(nearest, np.linalg.norm(scaled - scaled[pick], axis=1))
+    return positions
+
+
+TIE_BREAKS = ("eps_net", "crowding")
+
+
+def multiobjective_priority(points: np.ndarray, directions: Sequence[str], tie_break: str) -> np.ndarray:
+    """Priority of each row, 0 = best, a permutation of 0..n-1: by non-dominated front, then within a
+    front by `tie_break` ('eps_net': `eps_net_order`; 'crowding': larger crowding distance first, ties
+    to the smaller row index). Rows holding a NaN come last, in row order.
+    """
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break {tie_break!r} is not one of {TIE_BREAKS}")
+    q = to_minimization(points, directions)
+    ranks = non_dominated_ranks(q, ["min"] * q.shape[1])
+    ordered: list[np.ndarray] = []
+    for rank in range(int(ranks.max(initial=UNRANKED)) + 1):
+        front = np.flatnonzero(ranks == rank)
+        if tie_break == "eps_net":
+            within = np.argsort(eps_net_order(q[front]), kind="stable")
+        else:
+            within = np.argsort(-crowding_distance(q[front]), kind="stable")
+        ordered.append(front[within])
+    ordered.append(np.flatnonzero(ranks == UNRANKED))
+    priority = np.empty(q.shape[0], dtype=int)
+    priority[np.concatenate(ordered)] = np.arange(q.shape[0])
+    return priority

@@ -24,23 +24,8 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hwnas.search.constraints import violation
-from hwnas.search.pareto import non_dominated_ranks
+from hwnas.search.pareto import crowding_distance, non_dominated_ranks
 from hwnas.search.samplers._discretize import TrialIndex, sample_other, sample_uniform
-
-
-def _crowding_distance(front: np.ndarray) -> np.ndarray:
-    """NSGA-II crowding distance of the rows of one front (minimisation form); extremes get inf."""
-    n, m = front.shape
-    distance = np.zeros(n)
-    if n <= 2:
-        return np.full(n, np.inf)
-    for j in range(m):
-        order = np.argsort(front[:, j], kind="stable")
-        span = front[order[-1], j] - front[order[0], j]
-        distance[order[0]] = distance[order[-1]] = np.inf
-        if span > 0:
-            distance[order[1:-1]] += (front[order[2:], j] - front[order[:-2], j]) / span
-    return distance
 
 
 class RegularizedEvolutionSampler(BaseSampler):
@@ -140,7 +125,7 @@ class RegularizedEvolutionSampler(BaseSampler):
             keys[members, 1] = ranks
             for rank in np.unique(ranks):
                 front = members[ranks == rank]
-                keys[front, 2] = -_crowding_distance(q[front])
+                keys[front, 2] = -crowding_distance(q[front])
         return keys
 
     def _tournament(self, keys: np.ndarray) -> int:
