@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -23,10 +24,35 @@ class Evaluation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class TrialStopped(Exception):
+    """The sweep's scheduler stopped the trial after `epoch` training epochs (0: rejected before training,
+    over a latency budget). The driver recorded it when it decided: this is not a failure."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped by the scheduler after {epoch} epochs" if epoch else "rejected before training")
+        self.epoch = epoch
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """How a training evaluator tells the sweep's scheduler (search/schedulers/) how a trial is doing.
+
+    `report(0, metrics)`: before training, what the candidate's compressed file measures untrained (latency_ms,
+    model_bytes, params, macs: they do not depend on the weights); `report(epoch, metrics)` after each epoch in
+    `rungs`, with `rung_val_accuracy` besides. False: stop now (raise TrialStopped)."""
+
+    rungs: tuple[int, ...]
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> bool: ...
+
+
 @runtime_checkable
 class Evaluator(Protocol):
     def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
         """Evaluate one candidate; write any files under trial_dir. Raise on failure.
 
         deadline: a time.monotonic() value (the trial's time limit); past it, raise TimeoutError.
+        An evaluator that trains may also take `report: Reporter | None` (keyword) and set
+        `reports_epochs = True`: the runners then pass the sweep's reporter, and it raises TrialStopped
+        when told to stop.
         """

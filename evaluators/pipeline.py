@@ -1,10 +1,14 @@
-"""One trial end to end: build -> train -> factorize -> prune -> fine-tune -> export -> compress -> QAT -> ORT
+"""One trial end to end: build -> [early: the untrained file's latency] -> train -> factorize -> prune -> fine-tune -> export -> compress -> QAT -> ORT
 accuracy -> latency (factorize: the space's low-rank knob, evaluators/lowrank.py; QAT: compression.qat_epochs,
 evaluators/qat.py). With a distillation teacher (compression.distill.teacher) every fit learns from it too.
 
 The reported accuracy and latency are both measured on the compressed ONNX file left in the trial
 directory (model.onnx), so what the search ranks is exactly what would be deployed. A compressed
 trial also keeps its fp32 twin (model_fp32.onnx), whose accuracy is `float_val_accuracy`.
+With a reporter (search/schedulers/: latency-first, MO-ASHA), the candidate's compressed file is first made
+from its untrained weights and timed (`early`): its graph does not depend on the weights, so the scheduler can
+reject it over a latency budget before any training; during training, each rung epoch reports a cheap accuracy
+(`rung_val_accuracy`, see `_rung_accuracy`) and the scheduler may stop the trial there (TrialStopped).
 `retrain` runs the same steps as final training (train + val, no latency); `measure_fresh` times a
 file for the export, past the cache.
 """
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hwnas.evaluators.base import Evaluation
+from hwnas.evaluators.base import Evaluation, Reporter, TrialStopped
 from hwnas.evaluators.compression_options import CompressionSettings
 from hwnas.evaluators.data import DataRecipe
 from hwnas.evaluators.measure.base import Target
@@ -49,7 +53,7 @@ FINAL_SPLIT = "trainval"  # final training fits on train + val
 # What a predicted latency carries about its error (LatencyPlan._predict), for the export's card.
 PREDICTION_ERROR_KEYS = ("low_ms", "high_ms", "mape", "within10", "spearman", "n_fit", "outside_range")
 STEPS = (
-    "data", "build", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "qat", "accuracy", "latency"
+    "data", "build", "early", "train", "factorize", "prune", "finetune", "profile", "export", "compress", "qat", "accuracy", "latency"
 )
 EVAL_SPLITS = ("val", "test")
 # What the file and the way it was made report, in trials and in final training alike.
@@ -92,6 +96,13 @@ METRIC_NAMES = frozenset(
         "latency_pred_mape",
         "latency_pred_spearman",
         "latency_pred_n",
+        # Latency-first: 1 when latency_ms is the figure of the untrained file made before training, whose graph
+        # (evaluators/graph_signature.py) the trained file has too; 0 when the graphs differed and the trained file
+        # was timed as well: then the early figure and its gap to the final one beside it.
+        "latency_early",
+        "latency_early_ms",
+        "latency_early_gap_pct",
+        "train_epochs",  # training epochs the trial ran (fine-tuning and QAT not counted)
         "energy_j",  # joules per inference, only where the target has a meter (RAPL, NVML)
         *MODEL_METRICS,
         *(f"{step}_s" for step in STEPS),
@@ -110,7 +121,7 @@ RETRAIN_METRIC_NAMES = frozenset(
         "ptq_val_accuracy",
         "torch_val_accuracy",
         *MODEL_METRICS,
-        *(f"{step}_s" for step in STEPS if step != "latency"),
+        *(f"{step}_s" for step in STEPS if step not in ("latency", "early")),
     }
 )
 
@@ -131,6 +142,7 @@ class _Made:
     train_steps: int = 0  # optimizer steps of the training (fine-tuning not counted)
     factorized: int = 0  # layers factorized by the rank knob (evaluators/lowrank.py)
     ptq: Path | None = None  # with QAT: the post-training-quantized file it improved on (scored, then removed)
+    early: _Early | None = None  # with a reporter: the untrained file's measurement
 
     def scores(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """ORT accuracy of the file, its fp32 twin and (with QAT) the PTQ file on one split: {"": , "float_": , "ptq_": }."""
@@ -162,6 +174,55 @@ class _Made:
             "num_classes": self.num_classes,
             "train_steps": self.train_steps,
         }
+
+
+@dataclass
+class _Early:
+    """The candidate's compressed file made from untrained weights and timed before training (latency-first)."""
+
+    path: Path
+    stats: Any  # evaluators.measure.protocol.Measurement
+    how: dict[str, float]
+    metrics: dict[str, float]  # latency_* and how it was obtained, model_bytes, params, macs
+
+
+def _latency_metrics(stats: Any, how: dict[str, float]) -> dict[str, float]:
+    """The latency_* metrics of one Measurement and how it was obtained (cache, predictor)."""
+    return dict(
+        latency_ms=stats.median_ms,
+        latency_p90_ms=stats.p90_ms,
+        latency_mean_ms=stats.mean_ms,
+        latency_std_ms=stats.std_ms,
+        latency_p99_ms=stats.p99_ms,
+        latency_cv=stats.cv,
+        latency_resolution_pct=stats.resolution_pct,
+        latency_rounds=float(stats.rounds),
+        latency_runs=float(stats.n_runs),
+        **({"latency_others_share": stats.others_share} if stats.others_share is not None else {}),
+        **({"latency_disturbed": float(stats.disturbed)} if stats.source != "predicted" else {}),
+        **how,
+        **({"energy_j": stats.energy_j} if stats.energy_j is not None else {}),
+    )
+
+
+def _distinct_constants(net: nn.Module, seed: int = 0) -> nn.Module:
+    """`net` with its BatchNorm statistics and affine terms drawn at random (a private generator: the global RNG,
+    and so training, is untouched). Untrained, they are all 0 or 1, and once folded into the convolutions equal
+    biases would be one shared constant in the exported file, which the int8 quantizer then rewrites for every
+    layer using it: a graph training would not make. Random values keep every constant the layer's own."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                n = m.running_mean.numel()
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                    m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+    return net
 
 
 def _copy_teacher(source: Path, dest: Path, name: str) -> None:
@@ -414,13 +475,19 @@ class PipelineEvaluator:
                           "lr": out["lr"] * self.compression.qat_lr_scale}
         return out
 
-    def evaluate(self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None) -> Evaluation:
+    # The runners pass the sweep's reporter (search/schedulers/) to this evaluator.
+    reports_epochs = True
+
+    def evaluate(
+        self, candidate: dict[str, Any], trial_dir: Path, deadline: float | None = None, report: Reporter | None = None
+    ) -> Evaluation:
         """`deadline` (time.monotonic() value): past it the evaluation stops with TimeoutError,
-        checked between steps and after every training batch."""
+        checked between steps and after every training batch. `report`: the scheduler's reporter; the
+        untrained file is timed first and reported (epoch 0), then each rung epoch; TrialStopped when it says stop."""
         prune_ratio, fmt = self._compression(candidate)
         self.training_settings(candidate)  # a bad train.* value fails the trial before any work
         with self._running(deadline):
-            return self._evaluate(candidate, Path(trial_dir), prune_ratio, fmt)
+            return self._evaluate(candidate, Path(trial_dir), prune_ratio, fmt, report)
 
     def retrain(
         self, candidate: dict[str, Any], out_dir: Path, epochs: int, deadline: float | None = None
@@ -483,14 +550,15 @@ class PipelineEvaluator:
         return out
 
     def _evaluate(
-        self, candidate: dict[str, Any], trial_dir: Path, prune_ratio: float, fmt: str
+        self, candidate: dict[str, Any], trial_dir: Path, prune_ratio: float, fmt: str, report: Reporter | None = None
     ) -> Evaluation:
         # total_s covers every step of the evaluation, so that sweep overheads (process start-up,
         # scheduling, bookkeeping) are what is left of the wall time, not work a trial did unclocked.
         start = time.perf_counter()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"early_s": 0.0}
         epochs = self.training_settings(candidate)["epochs"]  # train.epochs over evaluator.epochs
-        made = self._make_files(candidate, trial_dir, prune_ratio, fmt, metrics, split="train", epochs=epochs)
+        made = self._make_files(candidate, trial_dir, prune_ratio, fmt, metrics, split="train", epochs=epochs,
+                                report=report)
         artifact = made.artifact
         with _timed(metrics, "accuracy"), self._check_deadline("accuracy"):
             x_val, y_val = self.data.arrays("val")
@@ -502,30 +570,14 @@ class PipelineEvaluator:
                 metrics["ptq_val_accuracy"] = scores["ptq_"]
             made.drop_ptq()
         with _timed(metrics, "latency"), self._deadline_only("latency"):
-            stats, how = self.latency.measure(
-                artifact, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
-            )
+            stats, how = self._final_latency(made, candidate)
         metrics["total_s"] = time.perf_counter() - start
         # Reading and normalising batches (training, fine-tuning): with `data_s`, the trial's data cost.
         metrics["data_load_s"] = made.data_load_s
 
         metrics.update(
-            val_accuracy=val_accuracy,
-            float_val_accuracy=float_val_accuracy,
-            latency_ms=stats.median_ms,
-            latency_p90_ms=stats.p90_ms,
-            latency_mean_ms=stats.mean_ms,
-            latency_std_ms=stats.std_ms,
-            latency_p99_ms=stats.p99_ms,
-            latency_cv=stats.cv,
-            latency_resolution_pct=stats.resolution_pct,
-            latency_rounds=float(stats.rounds),
-            latency_runs=float(stats.n_runs),
-            **({"latency_others_share": stats.others_share} if stats.others_share is not None else {}),
-            **({"latency_disturbed": float(stats.disturbed)} if stats.source != "predicted" else {}),
-            **how,
-            **({"energy_j": stats.energy_j} if stats.energy_j is not None else {}),
-            **made.metrics(),
+            val_accuracy=val_accuracy, float_val_accuracy=float_val_accuracy, train_epochs=float(epochs),
+            **_latency_metrics(stats, how), **made.metrics(),
         )
         info = {
             **made.info(fmt, prune_ratio),
@@ -541,11 +593,13 @@ class PipelineEvaluator:
 
     def _make_files(
         self, candidate: dict[str, Any], out_dir: Path, prune_ratio: float, fmt: str, metrics: dict[str, float],
-        *, split: str, epochs: int,
+        *, split: str, epochs: int, report: Reporter | None = None,
     ) -> _Made:
-        """The steps a trial and final training share: data -> build -> train on `split` -> factorize -> prune ->
-        fine-tune -> profile -> export (fp32) -> compress. Clocks each step into `metrics`; leaves
-        out_dir/model.onnx and, when compressed, its fp32 twin out_dir/model_fp32.onnx."""
+        """The steps a trial and final training share: data -> build -> [early] -> train on `split` -> factorize ->
+        prune -> fine-tune -> profile -> export (fp32) -> compress. Clocks each step into `metrics`; leaves
+        out_dir/model.onnx and, when compressed, its fp32 twin out_dir/model_fp32.onnx. With `report`, the
+        untrained file is made and timed first (model_early.onnx) and reported, and so is each rung epoch:
+        TrialStopped when the scheduler stops the trial."""
         with self._computing():
             import pytorch_lightning as pl
             import torch
@@ -573,15 +627,28 @@ class PipelineEvaluator:
                 from hwnas.evaluators.init_weights import load_init
 
                 metrics.update(load_init(model, self.init_from, strict=self.init_strict))
+        calibration = dm.sample(split, self.calibration_samples, seed)
+        ranks = getattr(self.space, "low_rank", lambda _c: {})(candidate)
+        early, hook, stopped = None, None, []
+        if report is not None:
+            with _timed(metrics, "early"):
+                early = self._early(model, candidate, out_dir, prune_ratio, fmt, example, calibration)
+            # epochs: what the trial would train in full (the driver counts the epochs stopping saved)
+            if not report(0, {**early.metrics, "train_epochs_full": float(epochs)}):
+                raise TrialStopped(0)
+            rungs = {r for r in report.rungs if r < epochs}
+            if rungs:
+                hook = self._rung_hook(report, rungs, early, candidate, prune_ratio, example, split, seed, epochs, stopped)
         # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
         with _timed(metrics, "train"), self._deadline_only("train"):
             steps: list[int] = []
-            model = self._fit(model, epochs, seed, split, candidate, steps)
+            model = self._fit(model, epochs, seed, split, candidate, steps, on_epoch_end=hook)
+        if stopped:
+            raise TrialStopped(stopped[0])
         # Skipped steps report 0 s so that every trial has the same metric columns.
         metrics["prune_s"] = metrics["finetune_s"] = metrics["factorize_s"] = metrics["qat_s"] = 0.0
         # Low-rank factorization of the trained layers (the space's stage<k>.rank_ratio), before pruning:
         # pruning then also thins the rank of each factorized pair; one fine-tuning recovers from both.
-        ranks = getattr(self.space, "low_rank", lambda _c: {})(candidate)
         factorized = 0
         if ranks:
             with _timed(metrics, "factorize"), check("factorize"):
@@ -605,7 +672,6 @@ class PipelineEvaluator:
         with _timed(metrics, "export"), check("export"):
             export_onnx(model, example, twin, opset=self.opset)
         with _timed(metrics, "compress"), check("compress"):
-            calibration = dm.sample(split, self.calibration_samples, seed)
             self._compress(twin, fmt, calibration, artifact, candidate)
             if fmt == "fp32":
                 # fp32 is its own twin: one file, the artifact measured and shipped.
@@ -617,8 +683,118 @@ class PipelineEvaluator:
             artifact=artifact, twin=None if fmt == "fp32" else twin, seed=seed, input_shape=input_shape,
             num_classes=num_classes, params=params, macs=macs, torch_val_accuracy=float(torch_val_accuracy),
             data_load_s=getattr(dm, "load_seconds", 0.0) - loaded_before, train_steps=sum(steps),
-            factorized=factorized, ptq=ptq,
+            factorized=factorized, ptq=ptq, early=early,
         )
+
+    def _early(
+        self, model: nn.Module, candidate: dict[str, Any], out_dir: Path, prune_ratio: float, fmt: str, example: Any,
+        calibration: np.ndarray,
+    ) -> _Early:
+        """The candidate's compressed file made from its untrained weights (factorized, pruned, exported, compressed
+        as the trained one will be) and timed: out_dir/model_early.onnx. Pruning keeps a fixed share of each layer
+        group's channels and the rank knob a fixed rank, so the trained file has this graph too (checked when it
+        is made: `_final_latency`)."""
+        import copy
+
+        from hwnas.evaluators.onnx_export import export_onnx
+        from hwnas.evaluators.profile import count_params_macs
+
+        early, twin = out_dir / "model_early.onnx", out_dir / "model_early_fp32.onnx"
+        with self._check_deadline("early"):
+            net = self._compressed_network(_distinct_constants(copy.deepcopy(model)), candidate, prune_ratio, example)
+            params, macs = count_params_macs(net, example)
+            export_onnx(net, example, twin, opset=self.opset)
+            self._compress(twin, fmt, calibration, early, candidate)
+            twin.unlink()
+        with self._deadline_only("latency"):
+            stats, how = self.latency.measure(
+                early, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
+            )
+        metrics = {**_latency_metrics(stats, how), "model_bytes": float(early.stat().st_size),
+                   "params": float(params), "macs": float(macs)}
+        return _Early(path=early, stats=stats, how=how, metrics=metrics)
+
+    def _compressed_network(self, net: nn.Module, candidate: dict[str, Any], prune_ratio: float, example: Any) -> nn.Module:
+        """`net` factorized and pruned as the candidate says (no fine-tuning), on CPU in eval mode."""
+        from hwnas.evaluators.prune import prune
+
+        ranks = getattr(self.space, "low_rank", lambda _c: {})(candidate)
+        if ranks:
+            from hwnas.evaluators.lowrank import factorize
+
+            net, _ = factorize(net, ranks)
+        net = net.cpu().eval()
+        return prune(net, prune_ratio, example) if prune_ratio > 0 else net
+
+    def _rung_hook(
+        self, report: Reporter, rungs: set[int], early: _Early, candidate: dict[str, Any], prune_ratio: float,
+        example: Any, split: str, seed: int, epochs: int, stopped: list[int],
+    ) -> Any:
+        """The training callback of a scheduled trial: at each rung epoch, the cheap accuracy (_rung_accuracy) and
+        the early file's figures go to the scheduler; False stops training (the epoch is put in `stopped`)."""
+
+        def hook(epoch: int, net: nn.Module) -> bool:
+            if epoch not in rungs:
+                return True
+            accuracy = self._rung_accuracy(net, candidate, prune_ratio, example, split, seed)
+            keep = bool(report(epoch, {**early.metrics, "rung_val_accuracy": accuracy, "train_epochs_full": float(epochs)}))
+            if not keep:
+                stopped.append(epoch)
+            return keep
+
+        return hook
+
+    def _rung_accuracy(
+        self, net: nn.Module, candidate: dict[str, Any], prune_ratio: float, example: Any, split: str, seed: int,
+        bn_samples: int = 512,
+    ) -> float:
+        """What a rung ranks by: the val accuracy (torch) of a copy of the network trained so far, factorized and
+        pruned as the candidate says, its BatchNorm statistics re-estimated on `bn_samples` training images
+        ("adaptive BN", EagleEye, Li et al. 2020: it ranks pruned sub-networks close to their fine-tuned accuracy
+        without fine-tuning). Not quantized (int8 costs this space well under a point; its latency is exact).
+        Seconds, not epochs: the rung costs no fine-tuning. The global RNG state is kept, so training goes on
+        exactly as it would have."""
+        import copy
+
+        import torch
+
+        state = torch.random.get_rng_state()
+        try:
+            with self._computing():
+                copied = copy.deepcopy(net).cpu()
+                copied = self._compressed_network(copied.eval(), candidate, prune_ratio, example)
+                norms = [m for m in copied.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                for m in norms:
+                    m.reset_running_stats()
+                    m.momentum = None  # a cumulative average over the re-estimation batches
+                    m.train()
+                images = self.data.sample(split, bn_samples, seed + 3)
+                with torch.no_grad():
+                    for start in range(0, len(images), 64):
+                        copied(torch.from_numpy(images[start : start + 64]))
+                x_val, y_val = self.data.arrays("val")
+                return _torch_accuracy(copied, x_val, y_val)
+        finally:
+            torch.random.set_rng_state(state)
+
+    def _final_latency(self, made: _Made, candidate: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        """The trained file's latency. After an early measurement: when the trained file has the early file's
+        graph (evaluators/graph_signature.py), that measurement is its latency (latency_early 1); otherwise the
+        early figure was an estimate: the trained file is timed too, and how far apart they were is reported."""
+        measure = lambda path: self.latency.measure(  # noqa: E731
+            path, arch=self._arch_name(candidate), candidate=candidate, space=type(self.space).__name__
+        )
+        early = made.early
+        if early is None:
+            return measure(made.artifact)
+        from hwnas.evaluators.graph_signature import graph_signature
+
+        if graph_signature(made.artifact) == graph_signature(early.path):
+            early.path.unlink()
+            return early.stats, {**early.how, "latency_early": 1.0}
+        stats, how = measure(made.artifact)
+        gap = 100.0 * (early.stats.median_ms - stats.median_ms) / stats.median_ms
+        return stats, {**how, "latency_early": 0.0, "latency_early_ms": early.stats.median_ms, "latency_early_gap_pct": gap}
 
     def _compress(
         self, source: Path, fmt: str, calibration: np.ndarray, out: Path, candidate: dict[str, Any]
@@ -721,7 +897,7 @@ class PipelineEvaluator:
 
     def _fit(
         self, model: nn.Module, epochs: int, seed: int, split: str = "train", candidate: dict[str, Any] | None = None,
-        steps: list[int] | None = None, lr_scale: float = 1.0,
+        steps: list[int] | None = None, lr_scale: float = 1.0, on_epoch_end: Any = None,
     ) -> nn.Module:
         """Train for `epochs` with the candidate's training settings (training_settings) but its epochs, the
         learning rate times `lr_scale` (QAT's), learning from the teacher when there is one; the optimizer
@@ -746,4 +922,5 @@ class PipelineEvaluator:
             deadline=self._deadline,
             compute_slot=self.latency.isolates_host,
             split=split,
+            on_epoch_end=on_epoch_end,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,17 @@ class _Deadline(pl.Callback):
             raise TimeoutError(f"trial ran past its time limit in training epoch {trainer.current_epoch}")
 
 
+class _EpochHook(pl.Callback):
+    """After each training epoch, `hook(epochs done, network)`; False stops training there (a scheduler's rung)."""
+
+    def __init__(self, hook: Callable[[int, nn.Module], bool]) -> None:
+        self.hook = hook
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not self.hook(trainer.current_epoch + 1, module.model):
+            trainer.should_stop = True
+
+
 class ComputeSlot(pl.Callback):
     """Hold the node's compute slot (evaluators.measure.lock) for each training batch, released between
     batches: a latency measurement on this node waits for at most one batch, and no batch runs while it times."""
@@ -183,6 +195,7 @@ def fit(
     batch_size: int | None = None,
     steps: list[int] | None = None,
     distill: Distillation | None = None,
+    on_epoch_end: Callable[[int, nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Train `model` in place for `epochs` on the data's `split` ("train", or "trainval" for final
     training); return it on CPU in eval mode.
@@ -192,7 +205,8 @@ def fit(
     compute_slot: hold the node's compute slot per batch (ComputeSlot); False where no latency is timed
     on this node (remote or predicted targets). distill: train against a teacher's logits
     (evaluators.distill.Distillation; the teacher is checked against the data's shapes first); None:
-    plain cross-entropy."""
+    plain cross-entropy. on_epoch_end(epochs done, network): after every epoch, with the learning-rate
+    schedule of all `epochs` running on; False ends training there (the scheduler stopped the trial)."""
     check_accelerator(accelerator)
     if split not in FIT_SPLITS:
         raise ValueError(f"split={split!r} is not a training split; allowed: {', '.join(FIT_SPLITS)}")
@@ -210,7 +224,8 @@ def fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*([ComputeSlot()] if compute_slot else []), *([_Deadline(deadline)] if deadline is not None else [])],
+        callbacks=[*([ComputeSlot()] if compute_slot else []), *([_Deadline(deadline)] if deadline is not None else []),
+                   *([_EpochHook(on_epoch_end)] if on_epoch_end is not None else [])],
     )
     # Lightning keeps each submodule's train/eval flag as given; a previously fitted model is in eval mode.
     model.train()
