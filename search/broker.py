@@ -1,4 +1,5 @@
-"""One trial lifecycle, whatever places the trials: suggest -> de-duplicate -> (evaluate) -> record -> tell -> track.
+"""One trial lifecycle, whatever places the trials: suggest -> de-duplicate -> (evaluate, with the scheduler's
+rung decisions) -> record -> tell -> track.
 
 The broker owns the sweep's Optuna study and hands out work; a runner only places it (in-process,
 or on Ray workers) and reports back how it ended:
@@ -8,6 +9,11 @@ or on Ray workers) and reports back how it ended:
         broker.started(number)
         ... evaluate ...
         broker.finished(number, metrics, artifact, node)   # or broker.failed(number, error, node)
+
+With a scheduler (search/schedulers/) the evaluator reports as it goes (`broker.report(number, epoch, metrics)`):
+epoch 0 is its untrained file (latency-first: over a pre-training budget, the trial is REJECTED without
+training), each rung epoch its rung accuracy (MO-ASHA: STOPPED unless it ranks in the top fraction). Either ends
+the trial there: recorded, then told (search/trial_outcome.py says how, and why).
 
 - `n_trials` is read here only: `next()` hands out n_trials - recorded - in flight evaluations.
 - A candidate that was already evaluated is never evaluated again: the sampler is told the recorded
@@ -21,44 +27,37 @@ or on Ray workers) and reports back how it ended:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
-from hwnas.search.constraints import set_constraints
 from hwnas.search.objectives import Objectives
 from hwnas.search.runners.limits import error_text
+from hwnas.search.schedulers.latency_first import over_budget, pre_training_bounds
 from hwnas.search.study_record import DUPLICATE, WARM_START
+from hwnas.search.trial_outcome import Outcome, rejected_outcome, rung_view, stopped_outcome, tell
 from hwnas.spaces.base import SearchSpace
 from hwnas.spaces.candidate import arch_id
 
 if TYPE_CHECKING:
     from hwnas.search.recorder import Recorder
+    from hwnas.search.schedulers.base import Scheduler
+
+__all__ = ["Broker", "Outcome", "MAX_DUPLICATE_STREAK"]
 
 # Consecutive duplicate proposals after which the space counts as exhausted (then duplicates run).
 MAX_DUPLICATE_STREAK = 200
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What Optuna is told of an evaluated candidate: objective values and, with budgets, constraint values."""
-
-    values: tuple[float, ...]
-    constraints: Mapping[str, float] | None = None
-
-    @classmethod
-    def of(cls, values: Sequence[float], constraints: Mapping[str, float] | None = None) -> Outcome:
-        return cls(tuple(float(v) for v in values), None if not constraints else dict(constraints))
-
-
-@dataclass(frozen=True)
+@dataclass
 class _Flight:
     trial: optuna.Trial
     candidate: dict[str, Any]
     arch: str
+    early: dict[str, float] = field(default_factory=dict)  # what its untrained file measured (epoch 0)
 
 
 class Broker:
@@ -71,9 +70,12 @@ class Broker:
         recorder: Recorder | None = None,
         *,
         max_duplicate_streak: int = MAX_DUPLICATE_STREAK,
+        scheduler: Scheduler | None = None,
     ) -> None:
         """`study`: the sweep's study, with its whole history when resumed (`Sweep.create_study`).
-        `recorder` None: nothing is written (benchmarks of the samplers); the count starts at 0."""
+        `recorder` None: nothing is written (benchmarks of the samplers); the count starts at 0.
+        `scheduler`: rung decisions and latency-first (search/schedulers/); None: every trial trains in full.
+        A resumed sweep's scheduler is restored from the recorded decisions (rungs.jsonl)."""
         if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
             raise ValueError(f"n_trials: {n_trials!r} is not allowed; allowed: an integer >= 1")
         self.study = study
@@ -92,9 +94,18 @@ class Broker:
         # their latency was measured elsewhere, so a repeat of one is evaluated here.
         self._outcomes: dict[str, Outcome] = {
             arch_id(t.params): Outcome.of(t.values, t.constraints)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.state == TrialState.COMPLETE else Outcome((), t.constraints or None, pruned=True)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
             if WARM_START not in t.user_attrs
         }
+        self.scheduler = scheduler
+        # Latency-first applies to the budgets an untrained file can be held to (latency, size), if any.
+        self._reject_over = pre_training_bounds(objectives) if scheduler is not None and scheduler.latency_first else []
+        self._judged: set[tuple[str, int]] = set()  # (arch, rung epoch) decided and recorded
+        if scheduler is not None and recorder is not None:
+            records = recorder.rung_records()
+            scheduler.restore(records)
+            self._judged = {(str(r["key"]), int(r["epoch"])) for r in records}
 
     # --- what a runner calls ---
     def left(self) -> int:
@@ -126,6 +137,42 @@ class Broker:
             self._answer_repeat(trial, arch, known)
         return None
 
+    @property
+    def reports(self) -> bool:
+        """Whether trials report to this broker as they go (a scheduler with rungs, or latency-first with a budget
+        it applies to); otherwise they are evaluated without a reporter, as before schedulers."""
+        return self.scheduler is not None and (bool(self.scheduler.rungs) or bool(self._reject_over))
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        return tuple(self.scheduler.rungs) if self.scheduler is not None else ()
+
+    def report(self, number: int, epoch: int, metrics: Mapping[str, float], node: str | None = None) -> bool:
+        """A running trial's report: epoch 0, its untrained file's figures; a rung epoch, its rung accuracy and
+        those figures. True: train on. False: the trial has ended here, recorded and told (REJECTED before
+        training, or STOPPED at the rung); also False for a trial that already ended."""
+        flight = self._in_flight.get(number)
+        if flight is None:
+            return False
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if epoch == 0:
+            flight.early = metrics
+            if self._reject_over and over_budget(self.objectives, metrics, self._reject_over):
+                self._end_early(number, rejected_outcome(self.objectives, metrics), "rejected", metrics, 0, node)
+                return False
+            return True
+        if self.scheduler is None or epoch not in self.scheduler.rungs:
+            return True
+        values = [rung_view(metrics).get(name, float("nan")) for name in self.objectives.names]
+        keep = self.scheduler.decide(flight.arch, epoch, values)
+        # A candidate re-run after a driver crash gets its recorded decision again: recorded once.
+        if self.recorder is not None and (flight.arch, epoch) not in self._judged:
+            self.recorder.rung(number, flight.candidate, epoch, values, keep, metrics)
+        self._judged.add((flight.arch, epoch))
+        if not keep:
+            self._end_early(number, stopped_outcome(self.objectives, metrics), "stopped", metrics, epoch, node)
+        return keep
+
     def started(self, number: int) -> None:
         """The trial is running now (MLflow: a RUNNING child run). Repeats are ignored (a retried trial)."""
         flight = self._in_flight.get(number)
@@ -151,7 +198,7 @@ class Broker:
                 self.failed(number, error_text(exc), node)
                 return
         self._end(number, outcome)
-        self._tell(flight.trial, outcome)
+        tell(self.study, flight.trial, outcome)
         self._when_last_started()
 
     def failed(self, number: int, error: str, node: str | None = None) -> None:
@@ -162,7 +209,7 @@ class Broker:
         if self.recorder is not None:
             self.recorder.failed(number, flight.candidate, error, node)
         self._end(number, None)
-        self.study.tell(flight.trial, state=TrialState.FAIL)
+        tell(self.study, flight.trial, None)
         self._when_last_started()
 
     # --- internals ---
@@ -172,15 +219,18 @@ class Broker:
         if self.recorder is not None:
             self.recorder.duplicate()
         trial.set_user_attr(DUPLICATE, arch)
-        if known is not None:
-            self._tell(trial, known)
-        else:  # the same candidate is in flight: drop this proposal, its result is on the way
-            self.study.tell(trial, state=TrialState.FAIL)
+        # Known: told as it was (a stopped one PRUNED again). In flight: dropped, its result is on the way.
+        tell(self.study, trial, known)
 
-    def _tell(self, trial: optuna.Trial, outcome: Outcome) -> None:
-        # Constraint values first: the samplers read them when the trial completes.
-        set_constraints(trial, self.study, outcome.constraints)
-        self.study.tell(trial, list(outcome.values))
+    def _end_early(self, number: int, outcome: Outcome, how: str, metrics: dict[str, float], epoch: int,
+                   node: str | None) -> None:
+        """The scheduler ended the trial (rejected before training, or stopped at a rung): recorded, then told."""
+        flight = self._in_flight[number]
+        if self.recorder is not None:
+            self.recorder.ended_early(number, flight.candidate, how, metrics, epoch, node)
+        self._end(number, outcome)
+        tell(self.study, flight.trial, outcome)
+        self._when_last_started()
 
     def _end(self, number: int, outcome: Outcome | None) -> None:
         """`outcome` None: the evaluation failed (nothing to answer a repeat with)."""

@@ -19,7 +19,17 @@ from hwnas.evaluators.measure.cache import file_sha256
 from hwnas.search.objectives import Objectives
 from hwnas.search.pareto import hypervolume, nadir_reference, non_dominated_mask
 from hwnas.search.progress import Progress
-from hwnas.search.trial_log import COMPLETE, FAILED, TrialLog, artifact_path, relative_artifact
+from hwnas.search.schedulers.accounting import schedule_line
+from hwnas.search.trial_log import (
+    COMPLETE,
+    FAILED,
+    REJECTED,
+    RUNGS_JSONL,
+    STOPPED,
+    TrialLog,
+    artifact_path,
+    relative_artifact,
+)
 from hwnas.search.units import display_metrics, format_ms
 from hwnas.spaces.candidate import arch_id, net_id
 
@@ -46,6 +56,7 @@ class Recorder:
         `dataset`: the MLflow dataset input every child run gets (name, fingerprint, splits)."""
         self.run_dir = Path(run_dir)
         self.log = TrialLog(run_dir)
+        self.rung_log = TrialLog(run_dir, RUNGS_JSONL)
         self.on_trial_end = on_trial_end
         self.dataset = dict(dataset) if dataset else None
         self.row_fields = dict(row_fields or {})
@@ -114,6 +125,25 @@ class Recorder:
         row.update(metrics={}, feasible=False, error=error)
         self._end(row)
 
+    def rung_records(self) -> list[dict[str, Any]]:
+        """Every rung decision recorded so far (a resumed sweep's scheduler is rebuilt from them)."""
+        return self.rung_log.rows()
+
+    def rung(self, number: int, candidate: Mapping[str, Any], epoch: int, values: list[float], keep: bool,
+             metrics: Mapping[str, float]) -> None:
+        """A rung decision, in rungs.jsonl before anything acts on it (the trial stops or trains on)."""
+        self.rung_log.append({"number": number, "key": arch_id(candidate), "epoch": epoch, "values": values,
+                              "keep": keep, "metrics": dict(metrics), "at": time.time()})
+
+    def ended_early(self, number: int, candidate: Mapping[str, Any], how: str, metrics: Mapping[str, float],
+                    epoch: int, node: str | None) -> None:
+        """The scheduler ended the trial: "rejected" before training (its untrained file over a budget) or
+        "stopped" at rung `epoch`. Never feasible (never on the front, never exported); its metrics are the
+        untrained file's (latency_ms, model_bytes, ...) and, when stopped, rung_val_accuracy."""
+        row = self._row(number, candidate, REJECTED if how == "rejected" else STOPPED, node)
+        row.update(metrics=dict(metrics), feasible=False, artifact=None, epochs=epoch)
+        self._end(row)
+
     def duplicate(self) -> None:
         self.duplicates += 1
 
@@ -158,7 +188,7 @@ class Recorder:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
             if row["error"]:
                 tags["error"] = row["error"][:5000]
-            status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
+            status = "FAILED" if row["status"] == FAILED else "FINISHED"  # a stopped trial ran as scheduled
             file = artifact_path(self.run_dir, row)
             self.tracking.trial_ended(number, row["candidate"], display_metrics(row["metrics"]), tags,
                                       str(file) if file else None, status)
@@ -193,6 +223,9 @@ class Recorder:
     def snapshot(self) -> tuple[int, int, int, int, str]:
         """What the progress line shows; called from the progress thread (reads only)."""
         front, best = self.front_and_best()
+        schedule = schedule_line(list(self.rows))
+        if schedule:
+            best += f" | {schedule}"
         if self.tracking is not None and self.tracking.offline:
             best += " | MLflow offline: queued on disk"
         return self.done, len(self.running), self.n_failed, front, best

@@ -13,9 +13,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hwnas.search.constraints import set_constraints
 from hwnas.search.objectives import Objectives
-from hwnas.search.trial_log import COMPLETE
+from hwnas.search.trial_outcome import outcome_of_row, tell
 
 DUPLICATE = "hwnas:duplicate_of"
 INTERRUPTED = "hwnas:interrupted"
@@ -26,7 +25,7 @@ WARM_START = "warm_start"
 def evaluated_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
         if DUPLICATE not in t.user_attrs and INTERRUPTED not in t.user_attrs and WARM_START not in t.user_attrs
     ]
 
@@ -35,7 +34,7 @@ def reconcile_study(study: optuna.Study, rows: Sequence[Mapping[str, Any]], obje
     """Finish every trial the dead driver left open; return the candidates that must be run again.
 
     A trial whose result reached trials.jsonl is told that result (the driver died between the two
-    writes). One that never finished is marked FAIL + INTERRUPTED and its candidate is queued, so it
+    writes), as the broker would have (search/trial_outcome.py: a stopped one PRUNED, a rejected one COMPLETE). One that never finished is marked FAIL + INTERRUPTED and its candidate is queued, so it
     is retried once and counted once.
     """
     by_number = {r["number"]: r for r in rows}
@@ -43,11 +42,8 @@ def reconcile_study(study: optuna.Study, rows: Sequence[Mapping[str, Any]], obje
     # WAITING trials are candidates queued by an earlier resume: ask() still hands them out.
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = by_number.get(t.number)
-        if row is not None and row["status"] == COMPLETE:
-            set_constraints(t, study, objectives.constraints(row["metrics"]))
-            study.tell(t.number, objectives.values(row["metrics"]))
-        elif row is not None:
-            study.tell(t.number, state=TrialState.FAIL)
+        if row is not None:
+            tell(study, t, outcome_of_row(row, objectives))
         else:
             # Optuna has no public setter of a FrozenTrial's user attribute: pinned in tests/test_private_apis.py.
             study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)

@@ -18,11 +18,16 @@ from hwnas.search.units import TIME_PREFIX, display_metrics, display_name
 
 TRIALS_JSONL = "trials.jsonl"
 COMPLETE, FAILED = "COMPLETE", "FAILED"
+# Ended by the sweep's scheduler (search/schedulers/): STOPPED at a rung (MO-ASHA), REJECTED before training
+# (latency-first: its untrained file was over a budget). Neither is ever on the front or exported.
+STOPPED, REJECTED = "STOPPED", "REJECTED"
+STATUSES = (COMPLETE, FAILED, STOPPED, REJECTED)
+RUNGS_JSONL = "rungs.jsonl"  # every rung decision (MO-ASHA), appended and fsynced: the scheduler's state on resume
 
 
 class TrialLog:
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / TRIALS_JSONL
+    def __init__(self, run_dir: Path, name: str = TRIALS_JSONL) -> None:
+        self.path = Path(run_dir) / name
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=True, default=str)
@@ -73,6 +78,7 @@ def artifact_path(run_dir: Path, row: dict[str, Any]) -> Path | None:
 INTEGER_METRICS = frozenset({
     "model_bytes", "params", "macs", "latency_rounds", "latency_runs", "latency_pred_n", "latency_cached",
     "latency_predicted", "latency_prescreened", "latency_disturbed", "init_loaded_tensors", "init_skipped_tensors",
+    "latency_early", "train_epochs", "train_epochs_full", "epochs",
 })
 
 # Per-sweep fields every row carries (search/experiment.py): the latency target's device and protocol.
@@ -93,6 +99,8 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
             "net_id": r.get("net_id"),
             "feasible": r.get("feasible"),
             "pareto": r.get("pareto", False),
+            # Training epochs the trial ran: all of them (COMPLETE), up to its rung (STOPPED), none (REJECTED).
+            "epochs": r.get("epochs", (r.get("metrics") or {}).get("train_epochs")),
         }
         item.update(r["candidate"])
         item.update(display_metrics(r.get("metrics") or {}))
@@ -108,9 +116,11 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
     params = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
     metrics = list(dict.fromkeys(display_name(k) for r in rows for k in (r.get("metrics") or {})))
     times = [m for m in metrics if m.startswith(TIME_PREFIX)]  # step times after the results
-    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, *params,
+    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", "epochs", *first, *params,
              *[m for m in metrics if m not in times], *times, *ROW_FIELDS, "node", "error", "artifact"]
     frame = frame[[c for c in dict.fromkeys(order) if c in frame.columns]]
+    if "epochs" in frame.columns and frame["epochs"].isna().all():  # a sweep that trains nothing (a table)
+        frame = frame.drop(columns="epochs")
     # Parameters that are integers (widths, depths) stay integers where a trial lacks them (NaN otherwise
     # turns the column into floats).
     for col in frame.columns:
