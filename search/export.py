@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from hwnas.evaluators.measure.cache import file_sha256
 from hwnas.search.objectives import Objectives
 from hwnas.search.pareto import non_dominated_mask
+from hwnas.search.schedulers.accounting import schedule_summary
 from hwnas.search.selection import select
-from hwnas.search.trial_log import COMPLETE, artifact_path, trials_frame
+from hwnas.search.trial_log import COMPLETE, FAILED, artifact_path, trials_frame
 from hwnas.search.units import format_ms
 
 if TYPE_CHECKING:
@@ -371,7 +372,10 @@ def finalize(
             tracker.tag_trial(r["number"], {"pareto": str(r["pareto"]).lower()})
         paths = [run_dir / "trials.csv", run_dir / "pareto.csv", run_dir / "config.yaml"]
         paths += [p for p in (run_dir / DATA_FILE, run_dir / "hardware.json", plot, report) if p is not None and p.is_file()]
-        metrics = {"n_trials": len(rows), "n_failed": sum(r["status"] != COMPLETE for r in rows), "pareto_size": n_front}
+        schedule = schedule_summary(rows)
+        metrics = {"n_trials": len(rows), "n_failed": sum(r["status"] == FAILED for r in rows), "pareto_size": n_front,
+                   "n_stopped": sum(schedule["stopped"].values()), "n_rejected": schedule["rejected"],
+                   "epochs_trained": schedule["epochs"]}
         tracker.sweep_outputs(paths, metrics)
     return "\n".join(_summary(run_dir, cfg, objectives, rows, card, report, tracker))
 
@@ -408,9 +412,14 @@ def _report(run_dir: Path, cfg: DictConfig, objectives: Objectives, rows: list[d
 
 def _summary(run_dir: Path, cfg: DictConfig, objectives: Objectives, rows: list[dict[str, Any]],
              card: dict[str, Any] | None, report: Path | None, tracker: Tracking | None) -> list[str]:
-    failed = sum(r["status"] != COMPLETE for r in rows)
+    failed = sum(r["status"] == FAILED for r in rows)
     n_front = sum(r["pareto"] for r in rows)
-    lines = [f"[hwnas] {len(rows)} trials ({failed} failed), front of {n_front} -> {run_dir}",
+    schedule = schedule_summary(rows)
+    ended = ""
+    if schedule["stopped"] or schedule["rejected"]:
+        ended = (f", {sum(schedule['stopped'].values())} stopped early, {schedule['rejected']} rejected before training; "
+                 f"{schedule['epochs']:g} of {schedule['epochs_full']:g} training epochs ({100 * schedule['saved_share']:.0f}% saved)")
+    lines = [f"[hwnas] {len(rows)} trials ({failed} failed{ended}), front of {n_front} -> {run_dir}",
              f"[hwnas]   front {run_dir / 'pareto.csv'} (picture pareto.png), every trial {run_dir / 'trials.csv'}"]
     if report is not None:
         lines.append(f"[hwnas]   report {report}  (hwnas-report run_dir={run_dir} writes it again)")

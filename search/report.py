@@ -33,7 +33,8 @@ import numpy as np
 from hwnas.search.export import mark_front
 from hwnas.search.objectives import Objectives
 from hwnas.search.pareto import hypervolume_curve, nadir_reference
-from hwnas.search.trial_log import COMPLETE, FAILED
+from hwnas.search.schedulers.accounting import schedule_summary
+from hwnas.search.trial_log import COMPLETE, REJECTED, STATUSES, STOPPED
 from hwnas.search.units import format_ms
 
 REPORT_FILE = "report.html"
@@ -41,7 +42,7 @@ CARD_JSON = Path("export") / "model_card.json"
 CARD_MD = Path("export") / "MODEL_CARD.md"
 PROG = "hwnas-report"
 USAGE = "usage: hwnas-report run_dir=PATH [plugins=[...]]"
-SECTIONS = ("summary", "front", "hypervolume", "front-table", "failed", "importance", "card")
+SECTIONS = ("summary", "front", "hypervolume", "front-table", "schedule", "failed", "importance", "card")
 
 # fANOVA (a seeded random forest) reads best but grows with the trials (~2 s at 200, ~10 s at 2000);
 # above this many complete trials PED-ANOVA (a few ms) is used instead.
@@ -107,12 +108,14 @@ def _candidate_text(candidate: Mapping[str, Any], sep: str = ", ") -> str:
 # ----------------------------------------------------------------------------- rows
 
 
-def _clean(rows: Sequence[Any], objectives: Objectives) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(complete, failed) copies of the rows, in trial order, the last record of a number winning.
+def _clean(
+    rows: Sequence[Any], objectives: Objectives
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(complete, failed, ended early) copies of the rows, in trial order, the last record of a number winning.
 
     Complete rows have a finite number for every objective and are marked with feasibility and
-    front (export.mark_front, under `objectives`); anything else is listed with the failed, with a
-    reason. Input rows are never changed.
+    front (export.mark_front, under `objectives`); rows the scheduler ended (STOPPED at a rung, REJECTED before
+    training) are listed apart; anything else is listed with the failed, with a reason. Input rows are never changed.
     """
     latest: dict[int, dict[str, Any]] = {}
     for r in rows:
@@ -132,10 +135,14 @@ def _clean(rows: Sequence[Any], objectives: Objectives) -> tuple[list[dict[str, 
             "error": r.get("error"),
             "node": r.get("node"),
             "arch_id": r.get("arch_id"),
+            "epochs": _number(r.get("epochs")),
         }
-    complete, failed = [], []
+    complete, failed, early = [], [], []
     for number in sorted(latest):
         r = latest[number]
+        if r["status"] in (STOPPED, REJECTED):
+            early.append(r)
+            continue
         if r["status"] == COMPLETE:
             missing = [n for n in objectives.names if not math.isfinite(r["metrics"].get(n, math.nan))]
             if not missing:
@@ -147,7 +154,24 @@ def _clean(rows: Sequence[Any], objectives: Objectives) -> tuple[list[dict[str, 
         failed.append(r)
     if complete:
         mark_front(complete, objectives)
-    return complete, failed
+    return complete, failed, early
+
+
+def _schedule_section(rows: Sequence[Any], early: list[dict[str, Any]], objectives: Objectives) -> str:
+    """What the scheduler saved (search/schedulers/accounting.py) and every trial it ended, with why."""
+    s = schedule_summary([r for r in rows if isinstance(r, Mapping)])
+    if not early:
+        return '<p class="note">No trial was stopped early or rejected before training.</p>'
+    stopped = ", ".join(f"{n} at epoch {epoch}" for epoch, n in s["stopped"].items()) or "none"
+    head = (f'<p class="note">Training epochs spent: {s["epochs"]:g} of the {s["epochs_full"]:g} these trials would '
+            f'have trained in full ({100 * s["saved_share"]:.0f}% saved). Stopped at a rung: {stopped}. '
+            f'Rejected before training (untrained file over budget {esc(objectives.budget_label or "-")}): '
+            f'{s["rejected"]}. Their figures are the untrained file\'s (latency, size: the trained file\'s graph) '
+            "and, at a rung, the accuracy the rung ranks by; none is on the front or exported.</p>")
+    shown = [m for m in ("rung_val_accuracy", "latency_ms", "model_bytes") if any(m in r["metrics"] for r in early)]
+    cells = [[str(r["number"]), esc(r["status"]), esc(fmt("epochs", r["epochs"]) if r["epochs"] is not None else "-"),
+              *(esc(fmt(m, r["metrics"].get(m))) for m in shown), esc(_candidate_text(r["candidate"]))] for r in early]
+    return head + _table(["trial", "status", "epochs", *(esc(m) for m in shown), "candidate"], cells)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -388,20 +412,21 @@ def render(run_dir: Path, objectives: Objectives, rows: Sequence[Any], *, card: 
     """The whole page as a string (write_report writes it). `importances`: True computes them,
     False leaves them out, a (values, note) pair is shown as given (ReportWriter's cached ones)."""
     run_dir = Path(run_dir)
-    complete, failed = _clean(rows, objectives)
+    complete, failed, early = _clean(rows, objectives)
     chosen = _chosen_trial(card)
     chosen = chosen if isinstance(chosen, int) and not isinstance(chosen, bool) else None
     figures = _Figures()
     front = sorted((r for r in complete if r["pareto"]), key=lambda r: r["metrics"][objectives.names[0]],
                    reverse=objectives.modes[0] == "max")
-    hv = _hypervolume(complete, failed, objectives)
+    hv = _hypervolume(complete, failed + early, objectives)
     name = title or run_dir.name
     written = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     budgets = objectives.budget_label or "none"
     goal = ", ".join(f"{n} ({'higher' if m == 'max' else 'lower'} is better)" for n, m in zip(objectives.names, objectives.modes, strict=True))
     summary = [
         ("sweep", esc(name)), ("run folder", esc(run_dir.name)),
-        ("trials", f"{len(complete) + len(failed)} recorded: {len(complete)} complete, {len(failed)} failed"),
+        ("trials", f"{len(complete) + len(failed) + len(early)} recorded: {len(complete)} complete, {len(failed)} failed"
+                   + (f", {len(early)} ended by the scheduler" if early else "")),
         ("within budget", f"{sum(r['feasible'] for r in complete)} of {len(complete)} complete"),
         ("front size", str(len(front))),
         ("hypervolume", f"{hv[1][-1]:.4g}" if hv else "- (no feasible trial yet)"),
@@ -447,6 +472,9 @@ def render(run_dir: Path, objectives: Objectives, rows: Sequence[Any], *, card: 
     else:
         body = '<p class="note">No trial on the front yet.</p>'
     parts.append(_section("front-table", "The front", body))
+
+    parts.append(_section("schedule", f"Stopped early and rejected before training ({len(early)})",
+                          _schedule_section(rows, early, objectives)))
 
     # failed trials with their reasons
     if failed:
@@ -650,7 +678,7 @@ def check_rows(rows: list[Any], where: str) -> None:
                 raise ReportInputError(f"run_dir: {where} trial {number} {key} is a {type(r[key]).__name__}; "
                                        f"allowed: {' or '.join(t.__name__ for t in allowed)}")
         if "status" not in r:
-            raise ReportInputError(f"run_dir: {where} trial {number} has no status; allowed: {COMPLETE} or {FAILED}")
+            raise ReportInputError(f"run_dir: {where} trial {number} has no status; allowed: {', '.join(STATUSES)}")
 
 
 def _objectives(cfg: Any) -> Objectives:

@@ -120,7 +120,7 @@ class RayRunner:
     def run(self, sweep: Sweep, broker: Broker) -> None:
         from ray import tune
 
-        from hwnas.search.runners.ray_search import BrokerSearcher, StartCallback
+        from hwnas.search.runners.ray_search import BrokerScheduler, BrokerSearcher, StartCallback
         from hwnas.search.runners.ray_trial import run_trial
 
         self.start()
@@ -135,6 +135,7 @@ class RayRunner:
                 trials_root=str(root / "trials"),
                 threads=max(1, int(self.resources["cpu"])),
                 timeout_s=self.trial_timeout_s,
+                rungs=broker.rungs if broker.reports else None,
             ),
             self.resources,
         )
@@ -142,6 +143,8 @@ class RayRunner:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=BrokerSearcher(broker, trials),
+                # The sweep's scheduler decides in the broker; Tune's side only relays (continue / stop).
+                scheduler=BrokerScheduler(broker),
                 # The broker counts the trials (n_trials): its searcher answers FINISHED when none is left.
                 num_samples=-1,
                 max_concurrent_trials=self.max_concurrent,

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from hwnas.search.broker import Broker
-from hwnas.search.runners.ray_trial import ERROR_KEY, NUMBER_KEY
+from hwnas.search.runners.ray_trial import EPOCH_KEY, ERROR_KEY, NUMBER_KEY
 
 # Ray adds its own bookkeeping to every result; only the evaluator's numbers are trial metrics.
 _RAY_KEYS = {
@@ -78,6 +79,26 @@ class BrokerSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         return None
+
+
+class BrokerScheduler(FIFOScheduler):
+    """Tune's trial scheduler for a sweep: a trial's report made during training (EPOCH_KEY: its untrained
+    file, or a rung) goes to the broker, whose scheduler (search/schedulers/) decides; STOP ends the trial
+    (the broker has recorded it REJECTED or STOPPED). Every other result is Tune's FIFO: continue."""
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if EPOCH_KEY not in result:
+            return TrialScheduler.CONTINUE
+        metrics = {k: float(v) for k, v in result.items() if k != EPOCH_KEY and _is_metric(k, v)}
+        keep = self._broker.report(int(trial.config[NUMBER_KEY]), int(result[EPOCH_KEY]), metrics, result.get("node"))
+        return TrialScheduler.CONTINUE if keep else TrialScheduler.STOP
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_broker"}  # the live broker stays in the driver
 
 
 class StartCallback(tune.Callback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ class Sweep:
     n_trials: int  # distinct candidates evaluated; read by the broker only
     run_dir: Path
     study_name: str
+    scheduler: Any = None  # search/schedulers/: rung decisions and latency-first (None: every trial in full)
 
     def trial_dir(self, number: int) -> Path:
         return self.run_dir / "trials" / f"{number:04d}"
