@@ -165,6 +165,16 @@ def choices(item: Check, what: str) -> Check:
     return check
 
 
+def rung_list(key: str, v: Any) -> None:
+    """scheduler.rungs: epochs, each an integer >= 1, strictly increasing."""
+    allowed = "a non-empty list of epochs, integers >= 1, increasing (e.g. [1, 3])"
+    if not isinstance(v, ListConfig) or len(v) == 0:
+        raise refuse(key, v, allowed)
+    for i, epoch in enumerate(v):
+        if not _is_int(epoch) or epoch < 1 or (i and epoch <= v[i - 1]):
+            raise refuse(f"{key}[{i}]", epoch, allowed)
+
+
 def mapping(fields: Mapping[str, Check]) -> Check:
     def check(key: str, v: Any) -> None:
         if not isinstance(v, DictConfig):
@@ -485,6 +495,11 @@ def _schema() -> dict[str, dict[str, Check]]:
             "max_failures": integer(0, 1000),
             "trial_timeout_s": TIMEOUT,
             "connect_timeout_s": CONNECT_TIMEOUT,
+        },
+        "hwnas.search.schedulers.full.FullTraining": {"latency_first": boolean},
+        "hwnas.search.schedulers.moasha.MOASHA": {
+            "rungs": rung_list, "reduction_factor": number(1, 1000, lo_open=True),
+            "tie_break": one_of("eps_net", "crowding"), "latency_first": boolean,
         },
         "hwnas.search.runners.local_runner.LocalRunner": {
             "max_concurrent": integer(1, MAX_WORKERS), "trial_timeout_s": TIMEOUT,

@@ -23,7 +23,7 @@ from hwnas.evaluators.measure.base import PLAN_KEYS  # conf/hardware keys that a
 
 # The config tree ships inside the package (hwnas.conf): the same files for an editable checkout and a wheel.
 CONF_DIR = Path(str(importlib.resources.files("hwnas.conf")))
-GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "tracking", "select")
+GROUPS = ("dataset", "space", "search", "objective", "evaluator", "hardware", "runner", "scheduler", "tracking", "select")
 TOP_LEVEL = {"experiment_name", "n_trials", "seed", "run_dir", "resume", "plugins", "warm_start", "compression", *GROUPS}
 MODES = ("max", "min")
 
@@ -211,7 +211,7 @@ def _check_values(cfg: DictConfig, plugins: Sequence[str]) -> None:
     from hwnas.search.selection import RULES
 
     _choice(cfg.select, "rule", RULES, "select")
-    for group in ("dataset", "space", "search", "evaluator", "hardware", "runner"):
+    for group in ("dataset", "space", "search", "evaluator", "hardware", "runner", "scheduler"):
         check_target_kwargs(cfg[group], group, plugins)
         checks.check_group(cfg[group], group)
     from hwnas.evaluators.compression_options import from_config as compression_settings

@@ -25,7 +25,7 @@ from hwnas.search.recorder import Recorder
 from hwnas.search.runners.sweep import Sweep
 from hwnas.search.study_record import reconcile_study
 from hwnas.search.sweep_state import STATE_FILE, SweepState
-from hwnas.search.trial_log import COMPLETE, TrialLog
+from hwnas.search.trial_log import FAILED, TrialLog
 
 if TYPE_CHECKING:
     from hwnas.evaluators.measure.plan import LatencyPlan
@@ -115,6 +115,8 @@ def build_experiment(cfg: DictConfig) -> Built:
             if name not in reported:
                 raise ConfigError(f"objective.budgets.{name}: not reported by the evaluator; allowed: {', '.join(sorted(reported))}")
     runner = _build("runner", cfg.runner)
+    scheduler = _build("scheduler", cfg.scheduler, directions=list(objectives.modes))
+    _check_scheduler(cfg, scheduler, evaluator, objectives)
     quant = cfg.space.get("quant")
     if quant is not None and latency.uses_device:
         _check_formats(list(quant), latency)
@@ -126,8 +128,30 @@ def build_experiment(cfg: DictConfig) -> Built:
         n_trials=cfg.n_trials,
         run_dir=Path(cfg.run_dir),
         study_name=cfg.experiment_name,
+        scheduler=scheduler,
     )
     return Built(cfg=cfg, sweep=sweep, runner=runner, objectives=objectives, hardware=latency.summary())
+
+
+def _check_scheduler(cfg: DictConfig, scheduler: Any, evaluator: Any, objectives: Objectives) -> None:
+    """A scheduler with rungs needs an evaluator that trains and reports epochs, objectives a rung can give,
+    and rungs within the epochs a trial trains."""
+    if not scheduler.rungs:
+        return
+    from hwnas.search.schedulers.latency_first import UNTRAINED_METRICS
+
+    if not getattr(evaluator, "reports_epochs", False):
+        raise ConfigError(f"scheduler: {cfg.scheduler._target_} stops trials between training epochs, and "
+                          f"{cfg.evaluator._target_} does not train; allowed: scheduler=full with this evaluator")
+    for i, name in enumerate(objectives.names):
+        if name != "val_accuracy" and name not in UNTRAINED_METRICS:
+            raise ConfigError(f"objective.metrics[{i}].name: {name!r} is not known at a rung, and scheduler=moasha ranks "
+                              f"by the objectives there; allowed: val_accuracy, {', '.join(sorted(UNTRAINED_METRICS))}")
+    own_epochs = isinstance(cfg.space.get("train"), DictConfig) and "epochs" in cfg.space.train
+    epochs = getattr(evaluator, "epochs", None)
+    if not own_epochs and isinstance(epochs, int) and max(scheduler.rungs) > epochs:
+        raise ConfigError(f"scheduler.rungs: {max(scheduler.rungs)} is beyond evaluator.epochs ({epochs}); "
+                          f"allowed: rung epochs <= {epochs} (a rung at the last epoch is the end of training, not a judgment)")
 
 
 def build_latency(cfg: DictConfig, objectives: Objectives) -> LatencyPlan:
@@ -232,6 +256,8 @@ def _same_setting(saved: dict[str, Any], now: dict[str, Any], key: str) -> bool:
         other = b if a is ABSENT else a
         if key in OFF_DEFAULTS:  # compression.*: a knob whose off setting is not null (qat_epochs: 0)
             return bool(other == OFF_DEFAULTS[key])
+        if key.startswith("scheduler.") and a is ABSENT:  # a run from before schedulers: it trained every trial in full
+            return key == "scheduler._target_" and other == "hwnas.search.schedulers.full.FullTraining" or key == "scheduler.latency_first"
         return other is None or other is False or other == [] or other == {}
     return bool(a == b)
 
@@ -350,7 +376,7 @@ def reconcile_tracking(tracking: Tracking, rows: list[dict[str, Any]]) -> None:
             tracking.store.op_end_run(run.info.run_id, "KILLED")
         else:
             tags = {"status": row["status"], "feasible": str(row["feasible"]).lower(), "node": str(row["node"])}
-            status = "FINISHED" if row["status"] == COMPLETE else "FAILED"
+            status = "FAILED" if row["status"] == FAILED else "FINISHED"
             tracking.trial_ended(number, row["candidate"], row["metrics"], tags, row.get("artifact"), status)
 
 
@@ -396,7 +422,7 @@ def run_sweep(built: Built) -> int:
         when_no_trial_left_to_start=partial(prepare_export, sweep.evaluator), row_fields=row_fields,
         on_trial_end=report.update, dataset=dataset,
     )
-    broker = Broker(study, sweep.space, sweep.objectives, sweep.n_trials, recorder)
+    broker = Broker(study, sweep.space, sweep.objectives, sweep.n_trials, recorder, scheduler=sweep.scheduler)
     status = "FAILED"
     try:
         built.runner.run(sweep, broker)

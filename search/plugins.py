@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # Config groups whose node hwnas instantiates (hydra.utils.instantiate) or imports (check_target_kwargs).
-TARGET_GROUPS = ("dataset", "space", "search", "evaluator", "hardware", "runner")
+TARGET_GROUPS = ("dataset", "space", "search", "evaluator", "hardware", "runner", "scheduler")
 
 # Public Optuna samplers that work on hwnas' define-by-run spaces, besides the shipped conf/search files.
 OPTUNA_SAMPLERS = (
@@ -256,6 +256,10 @@ def interface_of(group: str) -> tuple[type, str] | None:
         from hwnas.search.runners.base import Runner
 
         return Runner, "a Runner (hwnas.search.runners.base)"
+    if group == "scheduler":
+        from hwnas.search.schedulers.base import Scheduler
+
+        return Scheduler, "a Scheduler (hwnas.search.schedulers.base)"
     return None
 
 
