@@ -146,7 +146,11 @@ def _hydra_message(exc: Exception) -> str:
     if key is not None:
         group = key.rsplit(".", 1)[0] if "." in key else None
         where = f"the keys of conf/{group}/" if group in GROUPS else ", ".join(sorted(TOP_LEVEL))
-        return f"{key}: unknown key; allowed: {where} (hwnas --cfg shows the composed config)"
+        # Hydra says the same of a key that does not exist and of a mapping given keys it does not have
+        # (objective.budgets={model_bytes: 1}); its '+' form is what both need.
+        add = text.split("To append to your config use ", 1)[1].split()[0] if "To append to your config use " in text else None
+        hint = f"; to add keys: {add}" if add else ""
+        return f"{key}: unknown key, or a mapping given keys it does not have; allowed: {where}{hint} (hwnas --cfg shows the composed config)"
     if text.startswith("Error merging override "):
         item = text.splitlines()[0][len("Error merging override "):].strip()
         key, _, value = item.lstrip("+~").partition("=")
