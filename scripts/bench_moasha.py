@@ -2,6 +2,7 @@
 
     .venv/bin/python -m hwnas.scripts.bench_moasha [--out results/bench/moasha.json] [--trials 20] \
         [--seeds 0,1,2] [--photos /path/to/image_folder] [--budget-ms X] [--skip-latency-first] \
+        [--moasha-override scheduler.reduction_factor=4 ...] [--equal-compute-trials N] [--reuse DIR] \
         [-- hwnas overrides ...]
 
 MO-ASHA vs full training. For each dataset (scikit-learn's digits; with --photos also an RGB image folder read at
@@ -13,7 +14,9 @@ the same plus fine-tuning epochs (a pruned candidate's `evaluator.finetune_epoch
 finish), trials stopped per rung, wall time, and the hypervolume of the (val accuracy, latency) front against
 one reference per dataset (accuracy 0, 1.1 x the slowest latency any sweep of that dataset measured; stopped
 trials are never on a front). Per dataset: the epoch ratio moasha / full over all seeds and the hypervolume
-ratio per seed and its median.
+ratio per seed and its median. With --equal-compute-trials N a third arm runs moasha with N trials (choose N so
+its epochs are about full training's): the front MO-ASHA finds for the same compute. --reuse DIR reads the
+finished sweeps of an earlier run (same name, same trial count) instead of running them again.
 
 Latency first (digits, seed 0): the same budgeted sweep twice, `scheduler.latency_first=true` and `false`; the
 budget is --budget-ms, or the median latency the seed-0 full-training digits sweep measured (so about half of
@@ -112,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=None, help="an RGB image folder (read at 32x32)")
     parser.add_argument("--budget-ms", type=float, default=None)
     parser.add_argument("--skip-latency-first", action="store_true")
+    parser.add_argument("--moasha-override", action="append", default=[],
+                        help="an override for the moasha arms only (e.g. scheduler.reduction_factor=4); repeatable")
+    parser.add_argument("--equal-compute-trials", type=int, default=None,
+                        help="also run moasha with this many trials (about full training's epochs): the front at equal compute")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier run's moasha_runs/<stamp>: its finished sweeps (same name, same trials) are read, not run")
     args = parser.parse_args(own)
     seeds = [int(s) for s in args.seeds.split(",")]
     work = ROOT / "results/bench/moasha_runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -120,13 +129,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.photos.is_dir():
             raise SystemExit(f"--photos: {str(args.photos)!r} is not a folder; allowed: an image folder (class/<files>)")
         datasets["photos32"] = ["dataset=image_folder", f"dataset.path={args.photos.resolve()}", "dataset.resolution=32"]
-    arms = {"full": ["scheduler=full"], "moasha": ["scheduler=moasha"]}
+    moasha = ["scheduler=moasha", *args.moasha_override]
+    arms: dict[str, tuple[list[str], int]] = {"full": (["scheduler=full"], args.trials), "moasha": (moasha, args.trials)}
+    if args.equal_compute_trials:
+        arms["moasha_equal_compute"] = (moasha, args.equal_compute_trials)
+    reused: list[str] = []
     report: dict[str, Any] = {
         "command": " ".join(["python -m hwnas.scripts.bench_moasha", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(), "trials": args.trials, "seeds": seeds, "arms": arms, "extra_overrides": extra,
+        "machine": machine(), "trials": args.trials, "seeds": seeds,
+        "arms": {a: {"overrides": o, "trials": t} for a, (o, t) in arms.items()}, "extra_overrides": extra,
         "targets": {"epoch_ratio_max": TARGET_EPOCH_RATIO, "hypervolume_ratio_min": TARGET_HV_RATIO},
-        "datasets": {},
+        "datasets": {}, "reused_sweeps": reused,  # their wall_s: first trial start to last trial end
     }
+
+    def sweep(run_dir: Path, trials: int, overrides: list[str]) -> tuple[float, list[dict[str, Any]]]:
+        earlier = args.reuse / run_dir.name if args.reuse is not None else None
+        if earlier is not None and (earlier / "trials.jsonl").is_file() and len(trial_rows(earlier)) == trials:
+            rows = trial_rows(earlier)
+            reused.append(str(earlier))
+            return max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows), rows
+        return run_search(run_dir, trials, overrides, ROOT), trial_rows(run_dir)
 
     def save() -> None:  # after every step: nothing measured is lost
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: dict[str, dict[int, list[dict[str, Any]]]] = {arm: {} for arm in arms}
         wall: dict[str, dict[int, float]] = {arm: {} for arm in arms}
         for seed in seeds:
-            for arm, arm_overrides in arms.items():
+            for arm, (arm_overrides, trials) in arms.items():
                 run_dir = work / f"{name}-{arm}-s{seed}"
                 print(f"[bench_moasha] {name} {arm} seed {seed} ...", flush=True)
-                wall[arm][seed] = run_search(run_dir, args.trials, [*data_overrides, f"seed={seed}", *arm_overrides,
-                                                                    *extra], ROOT)
-                rows[arm][seed] = trial_rows(run_dir)
+                wall[arm][seed], rows[arm][seed] = sweep(run_dir, trials, [*data_overrides, f"seed={seed}",
+                                                                           *arm_overrides, *extra])
                 print(f"[bench_moasha]   {wall[arm][seed]:.0f} s, {schedule_summary(rows[arm][seed])}", flush=True)
         all_pts = [points(r) for arm in arms for r in rows[arm].values()]
         reference = [0.0, 1.1 * max(float(p[:, 1].max()) for p in all_pts if len(p))]
@@ -154,6 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         hv_ratios = {str(s): _ratio(per["moasha"][s]["hypervolume"], per["full"][s]["hypervolume"]) for s in seeds}
         epoch_ratio = _ratio(totals["moasha"]["train_epochs"], totals["full"]["train_epochs"])
         hv_median = statistics.median([v for v in hv_ratios.values() if v is not None])
+        equal = {}
+        if "moasha_equal_compute" in arms:
+            eq_hv = {str(s): _ratio(per["moasha_equal_compute"][s]["hypervolume"], per["full"][s]["hypervolume"])
+                     for s in seeds}
+            equal = {"equal_compute": {
+                "trials": arms["moasha_equal_compute"][1],
+                "epoch_ratio": _ratio(totals["moasha_equal_compute"]["train_epochs"], totals["full"]["train_epochs"]),
+                "hypervolume_ratio_per_seed": eq_hv,
+                "hypervolume_ratio_median": statistics.median([v for v in eq_hv.values() if v is not None]),
+            }}
         report["datasets"][name] = {
             "reference": reference,
             "sweeps": {arm: {str(s): f for s, f in per[arm].items()} for arm in arms},
@@ -166,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hypervolume_ratio_median": hv_median,
             "met": {"epochs": epoch_ratio is not None and epoch_ratio <= TARGET_EPOCH_RATIO,
                     "hypervolume": hv_median >= TARGET_HV_RATIO},
+            **equal,
             "run_dirs": str(work),
         }
         save()
@@ -180,10 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for arm, flag in (("on", "true"), ("off", "false")):
             run_dir = work / f"latency_first-{arm}"
             print(f"[bench_moasha] latency-first {arm}, budget {budget:.4f} ms ...", flush=True)
-            lf_wall[arm] = run_search(run_dir, args.trials, ["dataset=digits", f"seed={seeds[0]}", "scheduler=full",
-                                                             f"scheduler.latency_first={flag}",
-                                                             f"objective.latency_budget_ms={budget}", *extra], ROOT)
-            lf_rows[arm] = trial_rows(run_dir)
+            lf_wall[arm], lf_rows[arm] = sweep(run_dir, args.trials, [
+                "dataset=digits", f"seed={seeds[0]}", "scheduler=full", f"scheduler.latency_first={flag}",
+                f"objective.latency_budget_ms={budget}", *extra])
         report["latency_first"] = {
             "budget_from": "--budget-ms" if args.budget_ms is not None else "median latency of the seed-0 full digits sweep",
             **latency_first_figures(lf_rows["on"], lf_rows["off"], budget, lf_wall),
