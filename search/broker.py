@@ -157,8 +157,12 @@ class Broker:
         metrics = {k: float(v) for k, v in metrics.items()}
         if epoch == 0:
             flight.early = metrics
-            if self._reject_over and over_budget(self.objectives, metrics, self._reject_over):
-                self._end_early(number, rejected_outcome(self.objectives, metrics), "rejected", metrics, 0, node)
+            missed = over_budget(self.objectives, metrics, self._reject_over) if self._reject_over else []
+            if missed:
+                why = "rejected before training, its untrained file over budget: " + ", ".join(
+                    f"{n} {metrics[n]:.6g} {'>' if self.objectives.bounds[n][0] == 'upper' else '<'} "
+                    f"{self.objectives.bounds[n][1]:g}" for n in missed)
+                self._end_early(number, rejected_outcome(self.objectives, metrics), "rejected", metrics, 0, node, why)
                 return False
             return True
         if self.scheduler is None or epoch not in self.scheduler.rungs:
@@ -170,7 +174,8 @@ class Broker:
             self.recorder.rung(number, flight.candidate, epoch, values, keep, metrics)
         self._judged.add((flight.arch, epoch))
         if not keep:
-            self._end_early(number, stopped_outcome(self.objectives, metrics), "stopped", metrics, epoch, node)
+            why = f"stopped at epoch {epoch}: outside the share the scheduler keeps of the trials judged at that rung"
+            self._end_early(number, stopped_outcome(self.objectives, metrics), "stopped", metrics, epoch, node, why)
         return keep
 
     def started(self, number: int) -> None:
@@ -223,11 +228,11 @@ class Broker:
         tell(self.study, trial, known)
 
     def _end_early(self, number: int, outcome: Outcome, how: str, metrics: dict[str, float], epoch: int,
-                   node: str | None) -> None:
+                   node: str | None, why: str) -> None:
         """The scheduler ended the trial (rejected before training, or stopped at a rung): recorded, then told."""
         flight = self._in_flight[number]
         if self.recorder is not None:
-            self.recorder.ended_early(number, flight.candidate, how, metrics, epoch, node)
+            self.recorder.ended_early(number, flight.candidate, how, metrics, epoch, node, why)
         self._end(number, outcome)
         tell(self.study, flight.trial, outcome)
         self._when_last_started()

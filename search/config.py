@@ -310,8 +310,17 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
             continue
         if group == "hardware" and key in PLAN_KEYS:  # how latencies are obtained, not the target's own
             continue
+        if key in COMPLETED_KEYS.get(group, ()):
+            raise ConfigError(f"{group}.{key!s}: set by hwnas ({COMPLETED_KEYS[group][key]}); allowed: leave it out")
         if key not in allowed:
-            raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: "
+                              f"{', '.join(sorted(allowed - set(COMPLETED_KEYS.get(group, ()))))}")
+
+
+# Arguments hwnas passes when it builds a group's object: a config that sets them would be overridden silently.
+COMPLETED_KEYS: dict[str, dict[str, str]] = {
+    "scheduler": {"directions": "the modes of objective.metrics"},
+}
 
 
 def accepted_keys(target: Any) -> set[str] | None:

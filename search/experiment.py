@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hwnas.evaluators.measure.base import target_config
 from hwnas.search.broker import Broker
@@ -147,11 +147,16 @@ def _check_scheduler(cfg: DictConfig, scheduler: Any, evaluator: Any, objectives
         if name != "val_accuracy" and name not in UNTRAINED_METRICS:
             raise ConfigError(f"objective.metrics[{i}].name: {name!r} is not known at a rung, and scheduler=moasha ranks "
                               f"by the objectives there; allowed: val_accuracy, {', '.join(sorted(UNTRAINED_METRICS))}")
-    own_epochs = isinstance(cfg.space.get("train"), DictConfig) and "epochs" in cfg.space.train
-    epochs = getattr(evaluator, "epochs", None)
-    if not own_epochs and isinstance(epochs, int) and max(scheduler.rungs) > epochs:
-        raise ConfigError(f"scheduler.rungs: {max(scheduler.rungs)} is beyond evaluator.epochs ({epochs}); "
-                          f"allowed: rung epochs <= {epochs} (a rung at the last epoch is the end of training, not a judgment)")
+    # A rung at a trial's last epoch is its end, not a judgment (Syne Tune's max_t rung): allowed, never judged.
+    searched = cfg.space.train.get("epochs") if isinstance(cfg.space.get("train"), DictConfig) else None
+    if searched is not None:
+        most = max(searched) if isinstance(searched, ListConfig) else searched.get("high") if isinstance(searched, DictConfig) else None
+        where = "the largest space.train.epochs"
+    else:
+        most, where = getattr(evaluator, "epochs", None), "evaluator.epochs"
+    if isinstance(most, int) and max(scheduler.rungs) > most:
+        raise ConfigError(f"scheduler.rungs: {max(scheduler.rungs)} is beyond {where} ({most}): no trial would reach it; "
+                          f"allowed: rung epochs <= {most} (a rung at the last epoch is the end of training, not a judgment)")
 
 
 def build_latency(cfg: DictConfig, objectives: Objectives) -> LatencyPlan:

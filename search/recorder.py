@@ -136,12 +136,13 @@ class Recorder:
                               "keep": keep, "metrics": dict(metrics), "at": time.time()})
 
     def ended_early(self, number: int, candidate: Mapping[str, Any], how: str, metrics: Mapping[str, float],
-                    epoch: int, node: str | None) -> None:
+                    epoch: int, node: str | None, why: str | None = None) -> None:
         """The scheduler ended the trial: "rejected" before training (its untrained file over a budget) or
         "stopped" at rung `epoch`. Never feasible (never on the front, never exported); its metrics are the
-        untrained file's (latency_ms, model_bytes, ...) and, when stopped, rung_val_accuracy."""
+        untrained file's (latency_ms, model_bytes, ...) and, when stopped, rung_val_accuracy. `why` goes in the
+        row's error field (trials.csv's error column: why the trial has no result)."""
         row = self._row(number, candidate, REJECTED if how == "rejected" else STOPPED, node)
-        row.update(metrics=dict(metrics), feasible=False, artifact=None, epochs=epoch)
+        row.update(metrics=dict(metrics), feasible=False, artifact=None, epochs=epoch, error=why)
         self._end(row)
 
     def duplicate(self) -> None:

@@ -170,8 +170,9 @@ def _schedule_section(rows: Sequence[Any], early: list[dict[str, Any]], objectiv
             "and, at a rung, the accuracy the rung ranks by; none is on the front or exported.</p>")
     shown = [m for m in ("rung_val_accuracy", "latency_ms", "model_bytes") if any(m in r["metrics"] for r in early)]
     cells = [[str(r["number"]), esc(r["status"]), esc(fmt("epochs", r["epochs"]) if r["epochs"] is not None else "-"),
-              *(esc(fmt(m, r["metrics"].get(m))) for m in shown), esc(_candidate_text(r["candidate"]))] for r in early]
-    return head + _table(["trial", "status", "epochs", *(esc(m) for m in shown), "candidate"], cells)
+              *(esc(fmt(m, r["metrics"].get(m))) for m in shown), esc(r.get("error") or "-"),
+              esc(_candidate_text(r["candidate"]))] for r in early]
+    return head + _table(["trial", "status", "epochs", *(esc(m) for m in shown), "why", "candidate"], cells)
 
 
 # ----------------------------------------------------------------------------- figures

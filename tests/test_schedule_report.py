@@ -79,6 +79,7 @@ def test_report_schedule_section_and_front_leave_out_stopped_and_rejected(tmp_pa
     assert "1 at epoch 1, 1 at epoch 2" in body and "Rejected before training" in body
     for r in rows[-3:]:
         assert f"<td>{r['number']}</td>" in body and r["status"] in body
+    assert "<td>latency_ms 0.2 over the budget 0.05 before training</td>" in body  # why it was ended
     complete = {r["number"] for r in rows if r["status"] == "COMPLETE"}
     # The stopped trials' figures dominate every finished trial: only their status keeps them off the front.
     assert numbers_in(page, "fig-front") == complete

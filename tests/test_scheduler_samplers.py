@@ -35,6 +35,7 @@ def test_every_sampler_runs_with_moasha_and_latency_first(tmp_path: Path, search
     assert by_status["REJECTED"] or by_status["STOPPED"], "neither a rejection nor a stop: the test shows nothing"
     for r in by_status["REJECTED"]:
         assert r["metrics"]["model_bytes"] > BUDGET_BYTES and r["epochs"] == 0 and not r["feasible"]
+        assert f"model_bytes {r['metrics']['model_bytes']:.6g} > {BUDGET_BYTES}" in r["error"]  # why, in trials.csv
         assert not (run_dir / "trials" / f"{r['number']:04d}" / "model.onnx").exists()
     for r in rows:
         if r["status"] in ("COMPLETE", "STOPPED"):
@@ -51,6 +52,8 @@ def test_every_sampler_runs_with_moasha_and_latency_first(tmp_path: Path, search
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert t.values[0] == 0.0  # the placeholder accuracy, only in the study
         assert max(t.constraints.values()) > 0
+    for r in by_status["STOPPED"]:
+        assert r["error"].startswith(f"stopped at epoch {r['epochs']}")
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in number_of.values())
     assert pruned == len(by_status["STOPPED"])
 
