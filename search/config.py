@@ -311,7 +311,7 @@ def check_target_kwargs(node: DictConfig, group: str, plugins: Sequence[str] = (
         if group == "hardware" and key in PLAN_KEYS:  # how latencies are obtained, not the target's own
             continue
         if key in COMPLETED_KEYS.get(group, ()):
-            raise ConfigError(f"{group}.{key!s}: set by hwnas ({COMPLETED_KEYS[group][key]}); allowed: leave it out")
+            raise ConfigError(f"{group}.{key!s}: set by hwnas ({COMPLETED_KEYS[group][str(key)]}); allowed: leave it out")
         if key not in allowed:
             raise ConfigError(f"{group}.{key!s}: unknown key for {node._target_}; allowed: "
                               f"{', '.join(sorted(allowed - set(COMPLETED_KEYS.get(group, ()))))}")
