@@ -2,7 +2,7 @@
 
     .venv/bin/python -m hwnas.scripts.bench_moasha [--out results/bench/moasha.json] [--trials 20] \
         [--seeds 0,1,2] [--photos /path/to/image_folder] [--budget-ms X] [--skip-latency-first] \
-        [--moasha-override scheduler.reduction_factor=4 ...] [--equal-compute-trials N] [--reuse DIR] \
+        [--moasha-override scheduler.reduction_factor=4 ...] [--equal-compute-trials N] [--reuse DIR [--reuse-arms full,...]] \
         [-- hwnas overrides ...]
 
 MO-ASHA vs full training. For each dataset (scikit-learn's digits; with --photos also an RGB image folder read at
@@ -121,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also run moasha with this many trials (about full training's epochs): the front at equal compute")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier run's moasha_runs/<stamp>: its finished sweeps (same name, same trials) are read, not run")
+    parser.add_argument("--reuse-arms", default="full,moasha,moasha_equal_compute,latency_first",
+                        help="the arms --reuse may read (e.g. full,latency_first after a change to MO-ASHA itself)")
     args = parser.parse_args(own)
     seeds = [int(s) for s in args.seeds.split(",")]
     work = ROOT / "results/bench/moasha_runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -142,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "datasets": {}, "reused_sweeps": reused,  # their wall_s: first trial start to last trial end
     }
 
-    def sweep(run_dir: Path, trials: int, overrides: list[str]) -> tuple[float, list[dict[str, Any]]]:
-        earlier = args.reuse / run_dir.name if args.reuse is not None else None
+    def sweep(run_dir: Path, trials: int, overrides: list[str], arm: str) -> tuple[float, list[dict[str, Any]]]:
+        earlier = args.reuse / run_dir.name if args.reuse is not None and arm in args.reuse_arms.split(",") else None
         if earlier is not None and (earlier / "trials.jsonl").is_file() and len(trial_rows(earlier)) == trials:
             rows = trial_rows(earlier)
             reused.append(str(earlier))
@@ -163,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_dir = work / f"{name}-{arm}-s{seed}"
                 print(f"[bench_moasha] {name} {arm} seed {seed} ...", flush=True)
                 wall[arm][seed], rows[arm][seed] = sweep(run_dir, trials, [*data_overrides, f"seed={seed}",
-                                                                           *arm_overrides, *extra])
+                                                                           *arm_overrides, *extra], arm)
                 print(f"[bench_moasha]   {wall[arm][seed]:.0f} s, {schedule_summary(rows[arm][seed])}", flush=True)
         all_pts = [points(r) for arm in arms for r in rows[arm].values()]
         reference = [0.0, 1.1 * max(float(p[:, 1].max()) for p in all_pts if len(p))]
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[bench_moasha] latency-first {arm}, budget {budget:.4f} ms ...", flush=True)
             lf_wall[arm], lf_rows[arm] = sweep(run_dir, args.trials, [
                 "dataset=digits", f"seed={seeds[0]}", "scheduler=full", f"scheduler.latency_first={flag}",
-                f"objective.latency_budget_ms={budget}", *extra])
+                f"objective.latency_budget_ms={budget}", *extra], "latency_first")
         report["latency_first"] = {
             "budget_from": "--budget-ms" if args.budget_ms is not None else "median latency of the seed-0 full digits sweep",
             **latency_first_figures(lf_rows["on"], lf_rows["off"], budget, lf_wall),
