@@ -119,41 +119,46 @@ def test_first_trial_at_a_rung_continues():
     assert moasha(rungs=[2, 4]).decide("a", 4, [0.1, 99.0]) is True
 
 
-@pytest.mark.parametrize("tie_break", ["eps_net", "crowding"])
-def test_dominated_stops_and_front_continues(tie_break):
+@pytest.mark.parametrize(("tie_break", "c_keeps"), [("eps_net", True), ("crowding", False)])
+def test_dominated_stops_and_front_continues(tie_break, c_keeps):
     s = moasha(reduction_factor=3, tie_break=tie_break)
     assert s.decide("a", 1, [0.8, 5.0]) is True
-    assert s.decide("b", 1, [0.7, 6.0]) is False  # dominated: 1/2 > 1/3
-    # On the front with a: position 0 (eps-net takes it first) or 1 (crowding: a comes first), 1/3 <= 1/3.
-    assert s.decide("c", 1, [0.9, 7.0]) is True
-    assert s.counts() == {1: {"judged": 3, "stopped": 1}}
+    assert s.decide("b", 1, [0.7, 6.0]) is False  # dominated: 1/2, not < 1/3
+    # On the front with a. eps-net takes c first (best accuracy): 0/3, kept. Crowding has both at inf, so row
+    # order puts a first: 1/3, exactly at the boundary, not < 1/3: stopped (the top ceil(3/3) = 1 goes on).
+    assert s.decide("c", 1, [0.9, 7.0]) is c_keeps
+    # d dominates a and b; front {c, d}: both take c first (best accuracy; crowding: both inf, row order).
+    # 1/4 < 1/3: kept just inside the boundary.
+    assert s.decide("d", 1, [0.85, 4.0]) is True
+    assert s.counts() == {1: {"judged": 4, "stopped": 2 - c_keeps}}
 
 
-# Nine trials at one rung, reduction factor 3; (position, n) by hand, eps-net / crowding where they differ.
+# Nine trials at one rung, reduction factor 3: kept iff position / n < 1/3. (position, n) by hand, then the
+# decision by eps-net and by crowding (they differ on t3 and t9, each exactly at the 1/3 boundary under crowding).
 NINE = [
-    ((0.50, 10.0), True),  # alone: 0/1
-    ((0.40, 12.0), False),  # dominated by t1: 1/2
-    ((0.60, 11.0), True),  # front {t1, t3}: 0/3 (eps) or 1/3 (crowding)
-    ((0.55, 9.0), True),  # dominates t1; front {t3, t4}: 1/4
-    ((0.30, 20.0), False),  # dominated by all: 4/5
-    ((0.70, 15.0), True),  # best accuracy: 0/6 (eps) or 1/6 (crowding: t4, t6 at inf, t3 finite)
-    ((0.58, 10.0), False),  # front {t6, t3, t7, t4}: taken fourth by both, 3/7
-    ((0.65, 8.0), True),  # dominates t3, t4, t7; front {t6, t8}: 1/8
-    ((0.62, 9.5), True),  # dominated by t8 only; front 1 {t4, t9}: 2/9 (eps) or 3/9 (crowding, the edge)
+    ((0.50, 10.0), True, True),  # alone: 0/1
+    ((0.40, 12.0), False, False),  # dominated by t1: 1/2
+    ((0.60, 11.0), True, False),  # front {t1, t3}: 0/3 (eps: best accuracy first) or 1/3 (crowding: row order)
+    ((0.55, 9.0), True, True),  # dominates t1; front {t3, t4}: 1/4, just inside
+    ((0.30, 20.0), False, False),  # dominated by all: 4/5
+    ((0.70, 15.0), True, True),  # best accuracy: 0/6 (eps) or 1/6 (crowding: t4, t6 at inf, t3 finite)
+    ((0.58, 10.0), False, False),  # front {t6, t3, t7, t4}: taken fourth by both, 3/7
+    ((0.65, 8.0), True, True),  # dominates t3, t4, t7; front {t6, t8}: 1/8
+    ((0.62, 9.5), True, False),  # dominated by t8 only; front 1 {t4, t9}: 2/9 (eps) or 3/9 (crowding, the edge)
 ]
 
 
-@pytest.mark.parametrize("tie_break", ["eps_net", "crowding"])
-def test_nine_trials_by_hand(tie_break):
+@pytest.mark.parametrize(("tie_break", "column", "stopped"), [("eps_net", 1, 3), ("crowding", 2, 5)])
+def test_nine_trials_by_hand(tie_break, column, stopped):
     s = moasha(reduction_factor=3, tie_break=tie_break)
-    got = [s.decide(f"t{i + 1}", 1, values) for i, (values, _) in enumerate(NINE)]
-    assert got == [keep for _, keep in NINE]
-    assert s.counts() == {1: {"judged": 9, "stopped": 3}}
+    got = [s.decide(f"t{i + 1}", 1, row[0]) for i, row in enumerate(NINE)]
+    assert got == [row[column] for row in NINE]
+    assert s.counts() == {1: {"judged": 9, "stopped": stopped}}
 
 
 @pytest.mark.parametrize(("tie_break", "keep"), [("eps_net", True), ("crowding", False)])
 def test_tie_break_decides(tie_break, keep):
-    # MIXED's front 0 arriving a, b, d, e, c: c is 3rd by eps-net (2/5 <= 1/2) but last by crowding (4/5).
+    # MIXED's front 0 arriving a, b, d, e, c: c is 3rd by eps-net (2/5 < 1/2) but last by crowding (4/5).
     s = moasha(reduction_factor=2, tie_break=tie_break)
     for key, values in [("a", (1.0, 10.0)), ("b", (0.9, 8.5)), ("d", (0.0, 0.0)), ("e", (0.45, 4.0))]:
         s.decide(key, 1, values)
@@ -254,8 +259,46 @@ def test_a_value_that_cannot_be_ranked_stops_and_counts(bad):
     assert s.counts() == {1: {"judged": 1, "stopped": 1}}
     # It ranks behind every finite trial (an inf accuracy does not dominate), yet counts in n.
     assert s.decide("a", 1, [0.5, 2.0]) is True  # 0/2
-    assert s.decide("b", 1, [0.4, 3.0]) is True  # 1/3, only because x counts
-    assert s.counts() == {1: {"judged": 3, "stopped": 1}}
+    assert s.decide("c", 1, [0.3, 4.0]) is False  # behind a: 1/3, at the boundary, not < 1/3
+    assert s.decide("b", 1, [0.4, 3.0]) is True  # behind a, ahead of c and x: 1/4, kept only because x counts (1/3)
+    assert s.counts() == {1: {"judged": 4, "stopped": 2}}
+
+
+# Distinct values of one maximised objective, in the order they reach the rung.
+ARRIVALS = {
+    "worst_first": [0.1 * k for k in range(1, 10)],  # each the best so far: every one goes on
+    "best_first": [0.1 * k for k in range(9, 0, -1)],  # each the worst so far: only the first goes on
+    "shuffled": [0.5, 0.8, 0.2, 0.9, 0.1, 0.6, 0.4, 0.7, 0.3],  # 0.6: 2/6 (rf 3 edge); 0.7: 2/8 (rf 4 edge)
+}
+
+
+def ray_asha_keeps(values_so_far, rf):
+    """Ray Tune's ASHA rule (AsyncHyperBandScheduler, `_Bracket.cutoff`): go on iff value >= the (1 - 1/rf)
+    quantile. Here the quantile is taken over the rung's values including the arriving one; Ray's on_result takes
+    it before recording that value, and its interpolation then keeps e.g. the shuffled 0.7 at rf 4 (2/8, the
+    boundary). With the arriving value counted, and rf an integer, this is exactly position * rf < n."""
+    value = values_so_far[-1]
+    return bool(value >= np.nanpercentile(values_so_far, (1 - 1 / rf) * 100))
+
+
+@pytest.mark.parametrize("rf", [3, 4])
+def test_keeps_what_ray_asha_keeps_on_one_objective(rf):
+    # One objective (directions ("max",) is allowed): every front is one trial, the order is the value's.
+    for name, values in ARRIVALS.items():
+        s = moasha(reduction_factor=rf, directions=("max",))
+        got = [s.decide(f"t{i}", 1, [v]) for i, v in enumerate(values)]
+        assert got == [ray_asha_keeps(values[: i + 1], rf) for i in range(len(values))], name
+    # Every (position, n) for n = 1..9: n - 1 trials at 1..n-1, then one with exactly `position` values above it.
+    for n in range(1, 10):
+        for position in range(n):
+            s = moasha(reduction_factor=rf, directions=("max",))
+            earlier = [float(k) for k in range(1, n)]
+            for i, v in enumerate(earlier):
+                s.decide(f"e{i}", 1, [v])
+            value = n - 1 - position + 0.5
+            keep = s.decide("x", 1, [value])
+            assert keep is ray_asha_keeps([*earlier, value], rf), (n, position)
+            assert keep is (position < math.ceil(n / rf)), (n, position)  # the top ceil(n / rf) go on
 
 
 def test_rungs_may_be_a_list_config():

@@ -5,8 +5,8 @@ TrialLog, the real MOASHA / FullTraining and the NAS-Bench-201 space on 2 ops (6
 
 Trials report as the pipeline does (evaluators/pipeline.py): epoch 0 with the untrained file's figures and
 train_epochs_full, each rung epoch with those and rung_val_accuracy. The rung-1 values below form a dominance chain
-D > A > F > B > G > C > E > X (and D > A > H > F), so every front is one point and MO-ASHA's decisions follow from
-position * reduction_factor <= judged, by hand, whatever the tie-break.
+D > A > H > E > F > B > G > C > X, so every front is one point and MO-ASHA's decisions follow from
+position * reduction_factor < judged (the top ceil(judged / 3) go on), by hand, whatever the tie-break.
 """
 
 from __future__ import annotations
@@ -44,21 +44,21 @@ OBJ = Objectives(("val_accuracy", "latency_ms"), ("max", "min"),
                  {"latency_ms": ("upper", LAT_BUDGET), "model_bytes": ("upper", BYTES_BUDGET)})
 BYTES = 5000.0  # every scheduled candidate's file size below: within budget
 
-# name -> (cell, rung-1 (accuracy, latency), kept at rung 1): the dominance chain of the module docstring.
+# name -> (cell, rung-1 (accuracy, latency), kept at rung 1), in the order judged: the chain of the module docstring.
 RUNG1 = {
     "A": (CELLS[1], (0.90, 1.0), True),   # first at the rung: always goes on
-    "B": (CELLS[2], (0.50, 2.0), False),  # behind A: position 1 of 2, 3 > 2
+    "B": (CELLS[2], (0.50, 2.0), False),  # behind A: position 1 of 2, 3 is not < 2
     "C": (CELLS[3], (0.40, 2.5), False),  # position 2 of 3
-    "D": (CELLS[4], (0.95, 0.5), True),   # dominates all: position 0
-    "E": (CELLS[5], (0.30, 2.8), False),  # position 4 of 5
-    "F": (CELLS[6], (0.80, 1.5), True),   # position 2 of 6: 2 * 3 <= 6, kept at the boundary
+    "F": (CELLS[6], (0.80, 1.5), True),   # behind A only: position 1 of 4, 3 < 4, kept just inside the top third
+    "D": (CELLS[4], (0.95, 0.5), True),   # dominates all: position 0 of 5
+    "E": (CELLS[5], (0.82, 1.4), False),  # behind D, A: position 2 of 6, 2 * 3 = 6 is not < 6: stopped at the boundary
 }
 ORDER = list(RUNG1)
 # rung 2, for the three kept: A first (kept), D ahead of A (kept), F behind both: position 2 of 3, stopped
 RUNG2 = {"A": ((0.92, 1.0), True), "D": ((0.97, 0.5), True), "F": ((0.85, 1.5), False)}
 X = (CELLS[7], (0.20, 2.95))  # dominated by every trial: position 6 of 7, stopped
-G = (CELLS[8], (0.45, 2.2))  # behind D, A, F, B: position 4 of 8, stopped (alone at a rung it would go on)
-H = (CELLS[9], (0.85, 1.2))  # behind D, A: position 2 of 9, kept (stopped were only the kept ones counted: 2 of 5)
+G = (CELLS[8], (0.45, 2.2))  # behind D, A, E, F, B: position 5 of 8, stopped (alone at a rung it would go on)
+H = (CELLS[9], (0.85, 1.2))  # behind D, A: position 2 of 9, kept (were only the kept A, F, D counted: 2 of 4, stopped)
 REJECT = CELLS[10]
 REJECTED_LATENCY = 4.5
 
