@@ -4,8 +4,10 @@ The stopping rule of asynchronous successive halving, with a multi-objective ord
 metric: when a trial reaches rung epoch r, its objective values join those of every trial judged at r
 so far; all of them are ordered by `multiobjective_priority` (non-dominated front, then the tie-break
 within a front); the trial's rank is position / n, where position is the number of trials ahead of it
-and n counts it too. It goes on iff rank <= 1 / reduction_factor, so the first trial at a rung always
-does. No trial waits for others (asynchronous): a trial is judged against whoever reached the rung first.
+and n counts it too. It goes on iff rank < 1 / reduction_factor: for a whole-number factor, the top
+ceil(n / reduction_factor) of n go on (the (1 - 1/rf) quantile cutoff of Ray Tune's ASHA, taken over the rung
+with the arriving trial counted; tests/test_moasha.py pins it). The first trial at a rung always goes on, the
+second only if it ranks first. No trial waits for others (asynchronous): a trial is judged against whoever reached the rung first.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ class MOASHA:
         points[~np.all(np.isfinite(points), axis=1)] = np.nan
         priority = multiobjective_priority(points, self.directions, self.tie_break)
         position = int(np.sum(priority < priority[-1]))
-        # position / n <= 1 / reduction_factor, without the rounding of two divisions
-        return position * self.reduction_factor <= len(points)
+        # position / n < 1 / reduction_factor, without the rounding of two divisions. Not <=: at n = k * rf that
+        # would keep k + 1 of n (3 of 6 at rf 3), half again the share successive halving promises.
+        return position * self.reduction_factor < len(points)
 
     def restore(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replaces the state by the records' (recorded decisions are taken as they are, not recomputed);
