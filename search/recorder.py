@@ -191,8 +191,10 @@ class Recorder:
                 tags["error"] = row["error"][:5000]
             status = "FAILED" if row["status"] == FAILED else "FINISHED"  # a stopped trial ran as scheduled
             file = artifact_path(self.run_dir, row)
-            self.tracking.trial_ended(number, row["candidate"], display_metrics(row["metrics"]), tags,
-                                      str(file) if file else None, status)
+            metrics = display_metrics(row["metrics"])
+            if row.get("epochs") is not None:  # a stopped or rejected trial: the epochs it trained, as trials.csv
+                metrics["epochs"] = float(row["epochs"])
+            self.tracking.trial_ended(number, row["candidate"], metrics, tags, str(file) if file else None, status)
         if self.on_trial_end is not None:
             self.on_trial_end(list(self.rows))
 
