@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +51,29 @@ def hwnas_export(*args: str, timeout: float = 300) -> subprocess.CompletedProces
     return hwnas(*args, timeout=timeout, entry="hwnas-export")
 
 
-def kill_after_first_trial_then_resume(args: list[str], run_dir: Path, n: int) -> tuple[list[dict], list[dict]]:
-    """Start `hwnas *args`, SIGKILL its whole process group once a trial is recorded, then resume it to the end.
-    Returns (the records before the kill, all records after the resume); asserts the resume finished."""
+def kill_when(args: list[str], ready: Callable[[], Any], what: str, timeout: float = 300, poll: float = 0.05) -> None:
+    """Start `hwnas *args` in a session of its own and SIGKILL the whole process group (driver, Ray, trials) as
+    soon as `ready()` is true; fails if the sweep ends first or `what` does not happen within `timeout` s."""
     import signal
     import time
 
     proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while len(read_jsonl(run_dir / "trials.jsonl")) < 1:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no trial recorded in time"
-            time.sleep(0.05)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the sweep ended before {what}: " + proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"no {what} in {timeout:g} s"
+            time.sleep(poll)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def kill_after_first_trial_then_resume(args: list[str], run_dir: Path, n: int) -> tuple[list[dict], list[dict]]:
+    """Start `hwnas *args`, SIGKILL its whole process group once a trial is recorded, then resume it to the end.
+    Returns (the records before the kill, all records after the resume); asserts the resume finished."""
+    kill_when(args, lambda: len(read_jsonl(run_dir / "trials.jsonl")) >= 1, "trial recorded", timeout=240)
     before = read_jsonl(run_dir / "trials.jsonl")
     assert 1 <= len(before) < n
     done = hwnas(*args, "resume=true", timeout=300)

@@ -8,17 +8,13 @@ its Optuna journal and MLflow), so the resume has an interrupted trial to queue 
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-from conftest import ROOT, hwnas, hwnas_command, mlflow_runs, output_of, read_jsonl
+from conftest import hwnas, kill_when, mlflow_runs, output_of, read_jsonl
 
 from hwnas.search.study_record import INTERRUPTED, evaluated_trials
 from hwnas.search.sweep_state import SweepState, journal_storage
@@ -45,18 +41,9 @@ def test_kill_driver_then_resume(tmp_path: Path, runner: str) -> None:
             f"run_dir={run_dir}", f"tracking.uri={uri}"]
     if runner == "ray":
         args.append("runner.max_concurrent=2")
-    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        # Two trials recorded, and one (or more) running right now: kill then.
-        while len(read_jsonl(run_dir / "trials.jsonl")) < 2 or not _running_unrecorded(uri, run_dir):
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no trial was seen running after two had finished"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Two trials recorded, and one (or more) running right now: kill then.
+    kill_when(args, lambda: len(read_jsonl(run_dir / "trials.jsonl")) >= 2 and _running_unrecorded(uri, run_dir),
+              "trial seen running after two had finished")
     before = read_jsonl(run_dir / "trials.jsonl")
     recorded_before = {r["number"] for r in before}
     assert 2 <= len(before) < n

@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,10 +25,9 @@ from typing import Any
 import optuna
 import pytest
 from conftest import (
-    ROOT,
     assert_trial_runs_match,
     hwnas,
-    hwnas_command,
+    kill_when,
     mlflow_runs,
     output_of,
     read_jsonl,
@@ -237,18 +232,9 @@ def test_kill_mid_rung_then_resume_replays_the_decision_and_counts_once(tmp_path
     args = ["experiment=smoke", "runner=local", "scheduler=moasha", "scheduler.rungs=[1]",
             f"evaluator.epochs={RESUME_EPOCHS}", f"n_trials={RESUME_N}", "seed=0", "tracking.enabled=false",
             f"run_dir={run_dir}"]
-    proc = subprocess.Popen(hwnas_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        # A trial recorded already (the resume has history to restore), and one kept at its rung still training.
-        while not (read_jsonl(run_dir / "trials.jsonl") and _kept_unrecorded(run_dir)):
-            assert proc.poll() is None, "the sweep ended with no kept trial to kill: " + proc.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no trial was kept at its rung in time"
-            time.sleep(0.01)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # A trial recorded already (the resume has history to restore), and one kept at its rung still training.
+    kill_when(args, lambda: read_jsonl(run_dir / "trials.jsonl") and _kept_unrecorded(run_dir),
+              "trial kept at its rung and still training", poll=0.01)
     before = read_jsonl(run_dir / "trials.jsonl")
     records_before = read_jsonl(run_dir / "rungs.jsonl")
     killed = _kept_unrecorded(run_dir)
