@@ -119,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="an override for the moasha arms only (e.g. scheduler.reduction_factor=4); repeatable")
     parser.add_argument("--equal-compute-trials", type=int, default=None,
                         help="also run moasha with this many trials (about full training's epochs): the front at equal compute")
-    parser.add_argument("--reuse", type=Path, default=None,
-                        help="an earlier run's moasha_runs/<stamp>: its finished sweeps (same name, same trials) are read, not run")
+    parser.add_argument("--reuse", type=Path, action="append", default=[],
+                        help="an earlier run's moasha_runs/<stamp>: its finished sweeps (same name, same trials) are read, "
+                             "not run; repeatable (the first that holds a sweep is read)")
     parser.add_argument("--reuse-arms", default="full,moasha,moasha_equal_compute,latency_first",
                         help="the arms --reuse may read (e.g. full,latency_first after a change to MO-ASHA itself)")
     args = parser.parse_args(own)
@@ -145,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     def sweep(run_dir: Path, trials: int, overrides: list[str], arm: str) -> tuple[float, list[dict[str, Any]]]:
-        earlier = args.reuse / run_dir.name if args.reuse is not None and arm in args.reuse_arms.split(",") else None
-        if earlier is not None and (earlier / "trials.jsonl").is_file() and len(trial_rows(earlier)) == trials:
-            rows = trial_rows(earlier)
-            reused.append(str(earlier))
-            return max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows), rows
+        for earlier in (d / run_dir.name for d in args.reuse if arm in args.reuse_arms.split(",")):
+            if (earlier / "trials.jsonl").is_file() and len(trial_rows(earlier)) == trials:
+                rows = trial_rows(earlier)
+                reused.append(str(earlier))
+                return max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows), rows
         return run_search(run_dir, trials, overrides, ROOT), trial_rows(run_dir)
 
     def save() -> None:  # after every step: nothing measured is lost
