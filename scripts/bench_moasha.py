@@ -73,6 +73,11 @@ def sweep_figures(rows: Sequence[Mapping[str, Any]], reference: Sequence[float],
         "hypervolume": hypervolume(pts, DIRECTIONS, reference) if len(pts) else 0.0,
         "front": sorted(map(list, front.tolist()), key=lambda p: p[1]),
         "best_accuracy": float(pts[:, 0].max()) if len(pts) else None,
+        # Finished trials whose trained file had the untrained file's graph (its early latency is the latency),
+        # and the gaps (%) of those measured again because it did not.
+        "early_latency_reused": sum(r.get("status") == COMPLETE and r["metrics"].get("latency_early") == 1.0 for r in rows),
+        "early_latency_gaps_pct": [r["metrics"]["latency_early_gap_pct"] for r in rows
+                                   if r.get("status") == COMPLETE and "latency_early_gap_pct" in r["metrics"]],
         "wall_s": wall_s,
     }
 
