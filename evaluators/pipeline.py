@@ -633,12 +633,15 @@ class PipelineEvaluator:
         if report is not None:
             with _timed(metrics, "early"):
                 early = self._early(model, candidate, out_dir, prune_ratio, fmt, example, calibration)
-            # epochs: what the trial would train in full (the driver counts the epochs stopping saved)
-            if not report(0, {**early.metrics, "train_epochs_full": float(epochs)}):
+            # epochs: what the trial would train in full (the driver counts the epochs stopping saved); the step
+            # times so far: what a rejected or stopped trial cost (its record has no other)
+            spent = {k: v for k, v in metrics.items() if k.endswith("_s")}
+            if not report(0, {**early.metrics, **spent, "train_epochs_full": float(epochs)}):
                 raise TrialStopped(0)
             rungs = {r for r in report.rungs if r < epochs}
             if rungs:
-                hook = self._rung_hook(report, rungs, early, candidate, prune_ratio, example, split, seed, epochs, stopped)
+                hook = self._rung_hook(report, rungs, early, candidate, prune_ratio, example, split, seed, epochs,
+                                       stopped, spent)
         # Training holds the compute slot per batch (evaluators/train.py), not for the whole fit.
         with _timed(metrics, "train"), self._deadline_only("train"):
             steps: list[int] = []
@@ -728,16 +731,19 @@ class PipelineEvaluator:
 
     def _rung_hook(
         self, report: Reporter, rungs: set[int], early: _Early, candidate: dict[str, Any], prune_ratio: float,
-        example: Any, split: str, seed: int, epochs: int, stopped: list[int],
+        example: Any, split: str, seed: int, epochs: int, stopped: list[int], spent: dict[str, float],
     ) -> Any:
         """The training callback of a scheduled trial: at each rung epoch, the cheap accuracy (_rung_accuracy) and
-        the early file's figures go to the scheduler; False stops training (the epoch is put in `stopped`)."""
+        the early file's figures go to the scheduler, with the seconds spent (`spent` before training, train_s
+        since it began); False stops training (the epoch is put in `stopped`)."""
+        began = time.perf_counter()  # made just before the fit
 
         def hook(epoch: int, net: nn.Module) -> bool:
             if epoch not in rungs:
                 return True
             accuracy = self._rung_accuracy(net, candidate, prune_ratio, example, split, seed)
-            keep = bool(report(epoch, {**early.metrics, "rung_val_accuracy": accuracy, "train_epochs_full": float(epochs)}))
+            keep = bool(report(epoch, {**early.metrics, **spent, "train_s": time.perf_counter() - began,
+                                       "rung_val_accuracy": accuracy, "train_epochs_full": float(epochs)}))
             if not keep:
                 stopped.append(epoch)
             return keep

@@ -145,6 +145,7 @@ def test_moasha_on_ray_stopped_trials_agree_in_every_record(tmp_path: Path, mlfl
             assert c.data.tags["error"].startswith(f"stopped at epoch {row['epochs']}")
             assert c.data.metrics["rung_val_accuracy"] == row["metrics"]["rung_val_accuracy"]
             assert c.data.metrics["epochs"] == row["epochs"]  # the epochs it trained, as trials.csv says
+            assert c.data.metrics["time/train_s"] > 0 and row["metrics"]["train_s"] > 0  # what it cost up to its rung
             assert "val_accuracy" not in c.data.metrics
             assert not [f for f in files if f.endswith(".onnx")], files
         else:
@@ -190,6 +191,7 @@ def test_latency_first_rejects_exactly_the_candidates_over_a_size_budget_before_
             assert r["epochs"] == 0 and r["feasible"] is False and r["artifact"] is None
             assert "train_s" not in metrics and "train_epochs" not in metrics and "val_accuracy" not in metrics
             assert metrics["train_epochs_full"] == 3  # smoke's evaluator.epochs: what it would have trained
+            assert metrics["early_s"] > 0 and metrics["build_s"] > 0  # what the rejection cost
             assert r["error"] == ("rejected before training, its untrained file over budget: "
                                   f"model_bytes {metrics['model_bytes']:.6g} > {LF_BUDGET}")
             assert not _trial_file(run_dir, n).exists() and _trial_file(run_dir, n, "model_early.onnx").is_file()
