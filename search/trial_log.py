@@ -116,7 +116,8 @@ def trials_frame(rows: list[dict[str, Any]], first: Sequence[str] = ()) -> pd.Da
     params = list(dict.fromkeys(k for r in rows for k in r["candidate"]))
     metrics = list(dict.fromkeys(display_name(k) for r in rows for k in (r.get("metrics") or {})))
     times = [m for m in metrics if m.startswith(TIME_PREFIX)]  # step times after the results
-    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", "epochs", *first, *params,
+    # The objectives stay right after the identity (readers index them); epochs follow.
+    order = ["number", "status", "arch_id", "net_id", "feasible", "pareto", *first, "epochs", *params,
              *[m for m in metrics if m not in times], *times, *ROW_FIELDS, "node", "error", "artifact"]
     frame = frame[[c for c in dict.fromkeys(order) if c in frame.columns]]
     if "epochs" in frame.columns and frame["epochs"].isna().all():  # a sweep that trains nothing (a table)

@@ -172,9 +172,10 @@ def test_predicted_latencies_carry_the_predictor_error(tmp_path: Path, predictor
 def test_prescreen_skips_only_candidates_predicted_far_over_budget(
     tmp_path: Path, predictor_file: Path, budget: float, prescreened: float
 ) -> None:
+    # latency_first off: every candidate trains, so the prescreen's own effect is what is seen.
     run_dir = tmp_path / "exp" / "run"
     proc = hwnas(*FAST, f"run_dir={run_dir}", "tracking.enabled=false", f"hardware.predictor={predictor_file}",
-                 "hardware.prescreen=true", f"objective.latency_budget_ms={budget}")
+                 "hardware.prescreen=true", f"objective.latency_budget_ms={budget}", "scheduler.latency_first=false")
     assert proc.returncode == 0, output_of(proc)
     trials = pd.read_csv(run_dir / "trials.csv")
     assert (trials["status"] == "COMPLETE").all(), trials["error"].tolist()
@@ -185,3 +186,20 @@ def test_prescreen_skips_only_candidates_predicted_far_over_budget(
         assert (trials["feasible"] == False).all()  # noqa: E712
     else:  # measured on the device (this machine): a real protocol's figures
         assert (trials["latency_runs"] > 0).all() and (trials["device_id"] == fingerprint_id(device_fingerprint("cpu"))).all()
+
+
+def test_prescreen_with_latency_first_rejects_predicted_far_over_before_training(
+    tmp_path: Path, predictor_file: Path
+) -> None:
+    # The default (latency_first on): the untrained file goes through the same plan, so a candidate predicted far
+    # over budget is never sent to the device and never trained; its row carries the prediction it was judged on.
+    run_dir = tmp_path / "exp" / "run"
+    proc = hwnas(*FAST, f"run_dir={run_dir}", "tracking.enabled=false", f"hardware.predictor={predictor_file}",
+                 "hardware.prescreen=true", "objective.latency_budget_ms=1e-6")
+    assert proc.returncode == 0, output_of(proc)
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert (trials["status"] == "REJECTED").all(), trials["error"].tolist()
+    assert (trials["epochs"] == 0).all() and (trials["feasible"] == False).all()  # noqa: E712
+    assert trials["error"].str.contains("rejected before training").all()
+    assert (trials["latency_prescreened"] == 1).all() and (trials["latency_predicted"] == 1).all()
+    assert list(trials["latency_ms"]) == pytest.approx(list(trials["latency_pred_ms"]))

@@ -54,7 +54,8 @@ def test_trials_csv_has_epochs_and_statuses_and_drops_epochs_when_nothing_trains
     rows = scheduled_rows()
     frame = trials_frame(rows, first=["val_accuracy", "latency_ms"])
     by_number = frame.set_index("number")
-    assert list(frame.columns[:7]) == ["number", "status", "arch_id", "net_id", "feasible", "pareto", "epochs"]
+    assert list(frame.columns[:9]) == ["number", "status", "arch_id", "net_id", "feasible", "pareto",
+                                      "val_accuracy", "latency_ms", "epochs"]  # objectives stay right after identity
     stopped = [r["number"] for r in rows if r["status"] == "STOPPED"]
     assert by_number.loc[stopped, "epochs"].tolist() == [1, 2]
     assert by_number.loc[rows[-1]["number"], "epochs"] == 0 and by_number.loc[rows[-1]["number"], "status"] == "REJECTED"
