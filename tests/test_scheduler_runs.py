@@ -80,7 +80,6 @@ def _check_rung_records(rows: list[dict[str, Any]], records: list[dict[str, Any]
 RAY_N, RAY_EPOCHS, RAY_RUNGS = 9, 4, (1, 2)
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_moasha_on_ray_stopped_trials_agree_in_every_record(tmp_path: Path, mlflow_uri: str) -> None:
     """About 40-55 s on two busy cores (Ray's start-up is much of it)."""
@@ -226,7 +225,6 @@ def _kept_unrecorded(run_dir: Path) -> set[int]:
     return {r["number"] for r in read_jsonl(run_dir / "rungs.jsonl") if r["keep"]} - recorded
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_kill_mid_rung_then_resume_replays_the_decision_and_counts_once(tmp_path: Path) -> None:
     """About 25-35 s on two busy cores."""
