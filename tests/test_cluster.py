@@ -163,3 +163,33 @@ def test_sweep_runs_trials_on_both_nodes(cluster: str, tmp_path: Path) -> None:
     cache = Path(json.loads((run_dir / "data.json").read_text())["cache"]["path"])
     assert cache.is_relative_to(shared.resolve()) and (cache / "x.npy").is_file(), cache
     assert not (run_dir / "data").exists()
+
+
+def test_moasha_on_the_cluster_stops_trials_from_the_driver(cluster: str, tmp_path: Path) -> None:
+    """MO-ASHA on two nodes: trials run on both, rung decisions are made by the driver (one record per trial
+    and rung it reached, in the driver's run_dir), stopped trials leave no file in the shared storage."""
+    run_dir, shared = tmp_path / "run", tmp_path / "shared"
+    epochs, n = 4, 8
+    proc = hwnas(
+        "experiment=smoke", f"n_trials={n}", "search=random", "tracking.enabled=false", "runner=ray", "seed=0",
+        "scheduler=moasha", "scheduler.rungs=[1,2]", f"evaluator.epochs={epochs}",
+        f"runner.address={cluster}", f"runner.storage={shared}", "runner.max_concurrent=2", f"run_dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == n and set(trials["status"]) <= {"COMPLETE", "STOPPED"}, trials[["number", "status", "error"]]
+    stopped, complete = trials[trials["status"] == "STOPPED"], trials[trials["status"] == "COMPLETE"]
+    assert len(stopped) and len(complete), trials[["number", "status", "epochs"]]
+    assert trials["node"].nunique() == 2, trials["node"].tolist()
+    assert (complete["epochs"] == epochs).all() and stopped["epochs"].isin([1, 2]).all()
+    for artifact in complete["artifact"]:  # finished trials wrote to the shared storage
+        assert Path(artifact).is_relative_to(shared.resolve()) and Path(artifact).is_file(), artifact
+    assert stopped["artifact"].isna().all()
+    folders = {f"{k:04d}" for k in stopped["number"]}  # a stopped trial made no trained file anywhere
+    assert not [p for p in shared.rglob("model*.onnx") if p.parent.name in folders and "early" not in p.name]
+    # One decision per trial and rung it reached, kept where the driver runs.
+    records = [json.loads(line) for line in (run_dir / "rungs.jsonl").read_text().splitlines()]
+    reached = sum(2 if e >= 2 else 1 for e in trials["epochs"])
+    assert len(records) == reached and len({(r["key"], r["epoch"]) for r in records}) == reached
+    assert {r["key"] for r in records if not r["keep"]} == set(stopped["arch_id"])
+    assert not (shared / "rungs.jsonl").exists()
