@@ -165,8 +165,9 @@ def _schedule_section(rows: Sequence[Any], early: list[dict[str, Any]], objectiv
     stopped = ", ".join(f"{n} at epoch {epoch}" for epoch, n in s["stopped"].items()) or "none"
     head = (f'<p class="note">Training epochs spent: {s["epochs"]:g} of the {s["epochs_full"]:g} these trials would '
             f'have trained in full ({100 * s["saved_share"]:.0f}% saved). Stopped at a rung: {stopped}. '
-            f'Rejected before training (untrained file over budget {esc(objectives.budget_label or "-")}): '
-            f'{s["rejected"]}. Their figures are the untrained file\'s (latency, size: the trained file\'s graph) '
+            + (f'Rejected before training (untrained file over budget {esc(objectives.budget_label)}): {s["rejected"]}. '
+               if objectives.budget_label else "No budget, so none rejected before training. ")
+            + "Their figures are the untrained file's (latency, size: the trained file's graph) "
             "and, at a rung, the accuracy the rung ranks by; none is on the front or exported.</p>")
     shown = [m for m in ("rung_val_accuracy", "latency_ms", "model_bytes") if any(m in r["metrics"] for r in early)]
     cells = [[str(r["number"]), esc(r["status"]), esc(fmt("epochs", r["epochs"]) if r["epochs"] is not None else "-"),

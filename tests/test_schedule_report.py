@@ -87,3 +87,15 @@ def test_report_schedule_section_and_front_leave_out_stopped_and_rejected(tmp_pa
     front_points = {n for t in figure_data(page, "fig-front") if "front" in t["name"].lower()
                     for n in t.get("customdata") or []}
     assert front_points and front_points <= complete
+
+
+def test_schedule_section_without_a_budget_says_none_could_be_rejected(tmp_path: Path) -> None:
+    rows = [r for r in scheduled_rows() if r["status"] != "REJECTED"]
+    run_dir = make_run(tmp_path / "run", rows, journal=False)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("  latency_budget_ms: 0.05\n", "  latency_budget_ms: null\n"))
+    assert main([f"run_dir={run_dir}"]) == 0
+    body = re.search(r'<section id="schedule">(.*?)</section>', (run_dir / REPORT_FILE).read_text(), flags=re.S)
+    assert body, "no schedule section"
+    assert "No budget, so none rejected before training." in body.group(1)
+    assert "over budget" not in body.group(1) and "1 at epoch 1, 1 at epoch 2" in body.group(1)
