@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import read_jsonl
+from test_scheduler_runs import check_rung_records
 
 pytestmark = pytest.mark.slow
 
@@ -188,8 +190,8 @@ def test_moasha_on_the_cluster_stops_trials_from_the_driver(cluster: str, tmp_pa
     folders = {f"{k:04d}" for k in stopped["number"]}  # a stopped trial made no trained file anywhere
     assert not [p for p in shared.rglob("model*.onnx") if p.parent.name in folders and "early" not in p.name]
     # One decision per trial and rung it reached, kept where the driver runs.
-    records = [json.loads(line) for line in (run_dir / "rungs.jsonl").read_text().splitlines()]
-    reached = sum(2 if e >= 2 else 1 for e in trials["epochs"])
-    assert len(records) == reached and len({(r["key"], r["epoch"]) for r in records}) == reached
+    records = read_jsonl(run_dir / "rungs.jsonl")
+    check_rung_records(read_jsonl(run_dir / "trials.jsonl"), records, (1, 2), epochs)
+    assert len(records) == sum(2 if e >= 2 else 1 for e in trials["epochs"])  # none for a rung not reached
     assert {r["key"] for r in records if not r["keep"]} == set(stopped["arch_id"])
     assert not (shared / "rungs.jsonl").exists()

@@ -52,7 +52,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _check_rung_records(rows: list[dict[str, Any]], records: list[dict[str, Any]], rungs: tuple[int, ...],
+def check_rung_records(rows: list[dict[str, Any]], records: list[dict[str, Any]], rungs: tuple[int, ...],
                         epochs: int) -> None:
     """What every MO-ASHA run must show, however the decisions fell: one record per (arch, rung); a STOPPED row
     for exactly each keep=false record (same trial number, `epochs` = the rung), kept at every rung before it; a
@@ -98,7 +98,7 @@ def test_moasha_on_ray_stopped_trials_agree_in_every_record(tmp_path: Path, mlfl
     assert complete, "every trial was stopped"  # the first trial at a rung always goes on
     assert stopped | complete == set(numbers)  # no budget: nothing rejected; nothing failed
     records = read_jsonl(run_dir / "rungs.jsonl")
-    _check_rung_records(rows, records, RAY_RUNGS, RAY_EPOCHS)
+    check_rung_records(rows, records, RAY_RUNGS, RAY_EPOCHS)
 
     # No model file, never on the front, never exported; trials.csv says where each stopped trial stopped.
     for n in stopped:
@@ -268,7 +268,7 @@ def test_kill_mid_rung_then_resume_replays_the_decision_and_counts_once(tmp_path
     assert records[: len(records_before)] == records_before
     assert [r for r in records if r["key"] == killed_key] == [r for r in records_before if r["key"] == killed_key]
     assert len(records) == RESUME_N and {r["key"] for r in records} == {r["arch_id"] for r in rows}
-    _check_rung_records(rows, records, (1,), RESUME_EPOCHS)
+    check_rung_records(rows, records, (1,), RESUME_EPOCHS)
 
     # Optuna: the N evaluations; PRUNED for exactly the stopped ones; the killed trial FAIL + INTERRUPTED, once.
     study = _study(run_dir)
